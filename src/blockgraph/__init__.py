@@ -1,0 +1,1 @@
+"""blockgraph: QEMU's block layer in Python."""

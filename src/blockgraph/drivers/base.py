@@ -1,0 +1,246 @@
+"""The one interface every block driver implements, and what a driver may see of the graph.
+
+Drivers sit below the graph and the request layer (``shared/DESIGN.md``): they never import
+them. A driver receives two narrow views instead:
+
+* :class:`OpenContext` while it opens: its node's name and flags, and a way to open children
+  (the graph implements it, applying the inheritance rules of the child's role);
+* :class:`ChildAccess` for each child afterwards: the child node's request layer.
+
+All I/O methods are ``async``: QEMU's coroutines become coroutines here. Offsets and lengths
+are in bytes. A driver's I/O methods are only ever called with requests already aligned to its
+:attr:`BlockDriver.request_alignment` and inside the node's length, because the request layer
+above does the padding and the bounds checks once for every driver.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from blockgraph.errors import ENOTSUP, BlockError, IOFailure
+from blockgraph.options.schema import OptionSpec
+
+
+class ChildRole(enum.IntFlag):
+    """QEMU's ``BDRV_CHILD_*`` role bits (``specs/qemu-cache-model.md`` b.5)."""
+
+    DATA = 1 << 0
+    METADATA = 1 << 1
+    FILTERED = 1 << 2
+    COW = 1 << 3
+    PRIMARY = 1 << 4
+
+    # The combinations the drivers here use.
+    IMAGE = PRIMARY | DATA | METADATA  # qcow2's file, without a data-file
+    FILTERED_PRIMARY = PRIMARY | FILTERED  # raw's file, blkdebug's image
+    BACKING = COW
+
+
+class RequestFlags(enum.IntFlag):
+    """Per-request flags (``BDRV_REQ_*``)."""
+
+    NONE = 0
+    FUA = 1 << 0
+    MAY_UNMAP = 1 << 1
+    NO_FALLBACK = 1 << 2
+
+
+class BlockStatusFlags(enum.IntFlag):
+    """``BDRV_BLOCK_*``: what a block status query says of a range."""
+
+    DATA = 1 << 0
+    ZERO = 1 << 1
+    OFFSET_VALID = 1 << 2
+    ALLOCATED = 1 << 4
+    EOF = 1 << 5
+
+
+@dataclass(frozen=True)
+class BlockStatus:
+    """The answer to one block status query: ``length`` bytes from the query's offset."""
+
+    flags: BlockStatusFlags
+    length: int
+    offset: int | None = None  # host offset in ``file`` when OFFSET_VALID
+    file: ChildAccess | None = None
+
+
+@dataclass
+class NodeFlags:
+    """The open flags of one node that drivers act on."""
+
+    read_only: bool = False
+    direct: bool = False  # cache.direct: O_DIRECT on the file driver
+    no_flush: bool = False  # cache.no-flush: skip this node's disk flush
+    discard_unmap: bool = False  # discard=unmap rather than ignore
+    no_backing: bool = False
+
+
+class ChildAccess(Protocol):
+    """A driver's view of one child: that child node's request layer."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def role(self) -> ChildRole: ...
+
+    @property
+    def node_name(self) -> str: ...
+
+    @property
+    def filename(self) -> str: ...
+
+    @property
+    def driver_name(self) -> str: ...
+
+    def getlength(self) -> int: ...
+
+    async def preadv(self, offset: int, buf: memoryview, flags: RequestFlags = RequestFlags.NONE) -> None: ...
+
+    async def pwritev(self, offset: int, buf: memoryview, flags: RequestFlags = RequestFlags.NONE) -> None: ...
+
+    async def pwrite_zeroes(self, offset: int, length: int, flags: RequestFlags = RequestFlags.NONE) -> None: ...
+
+    async def pdiscard(self, offset: int, length: int) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def truncate(self, length: int) -> None: ...
+
+    async def block_status(self, offset: int, length: int) -> BlockStatus: ...
+
+
+class OpenContext(Protocol):
+    """What a driver may ask of the graph while it is being opened."""
+
+    @property
+    def node_name(self) -> str: ...
+
+    @property
+    def flags(self) -> NodeFlags: ...
+
+    async def open_child(
+        self,
+        name: str,
+        role: ChildRole,
+        *,
+        filename: str | None = None,
+        driver: str | None = None,
+        allow_none: bool = False,
+        read_only: bool | None = None,
+    ) -> ChildAccess | None:
+        """Open (or look up, if referenced) the child ``name``; ``None`` only with ``allow_none``.
+
+        ``filename``/``driver`` are defaults from the parent's metadata (a qcow2 header's backing
+        file name); options the user gave for the child win over them.
+        """
+        ...
+
+    def has_child_options(self, name: str) -> bool:
+        """Whether the user gave any option (or a reference) for child ``name``."""
+        ...
+
+
+@dataclass
+class DriverInfo:
+    """What ``info block`` and ``query-*`` report about a node, as its driver knows it."""
+
+    backing_file: str | None = None
+    backing_format: str | None = None
+    encrypted: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class BlockDriver:
+    """Base class of all drivers. Subclasses set the class attributes and override I/O methods.
+
+    ``format_name`` is the ``driver=`` value. ``is_format`` picks which of QEMU's two
+    unknown-option texts applies ("Block format ... does not support" vs "Block protocol ...
+    doesn't support").
+    """
+
+    format_name: ClassVar[str] = ""
+    is_format: ClassVar[bool] = True
+    is_filter: ClassVar[bool] = False
+    # URI-ish prefixes that select this driver from a filename ("blkdebug:", "nbd:").
+    protocol_prefixes: ClassVar[tuple[str, ...]] = ()
+    runtime_options: ClassVar[Mapping[str, OptionSpec]] = {}
+    # List-valued options a schema cannot describe (``inject-error.0.event``): keys equal to or
+    # under these prefixes reach ``open()`` untouched.
+    runtime_option_prefixes: ClassVar[tuple[str, ...]] = ()
+    # Write flags handled natively; the request layer emulates the others (FUA by a flush).
+    supported_write_flags: ClassVar[RequestFlags] = RequestFlags.NONE
+    supports_backing: ClassVar[bool] = False
+    # Protocol drivers over growable storage (files) accept requests past their end: format
+    # drivers above them extend the image that way. Every other node is range-checked.
+    growable: ClassVar[bool] = False
+
+    request_alignment: int = 1
+
+    @classmethod
+    def probe(cls, header: bytes, filename: str) -> int:
+        """Score how likely ``header`` (first 2 KiB of a file) is in this format; 0 = no."""
+        return 0
+
+    @classmethod
+    def parse_filename(cls, filename: str, options: dict[str, Any]) -> None:
+        """Turn a ``prefix:...`` filename into options (``blkdebug:CONF:FILE``); in place."""
+
+    async def open(self, ctx: OpenContext, options: dict[str, Any]) -> None:
+        """Open with ``options``: this driver's runtime options, typed and validated."""
+
+    async def close(self) -> None:
+        """Release what ``open`` took. Children are closed by the graph afterwards."""
+
+    def getlength(self) -> int:
+        raise NotImplementedError
+
+    async def preadv(self, offset: int, buf: memoryview, flags: RequestFlags) -> None:
+        raise IOFailure(ENOTSUP)
+
+    async def pwritev(self, offset: int, buf: memoryview, flags: RequestFlags) -> None:
+        raise IOFailure(ENOTSUP)
+
+    async def pwrite_zeroes(self, offset: int, length: int, flags: RequestFlags) -> None:
+        """Write zeroes natively; ``IOFailure(ENOTSUP)`` makes the request layer write a buffer."""
+        raise IOFailure(ENOTSUP)
+
+    async def pdiscard(self, offset: int, length: int) -> None:
+        """Discard is advisory: the default does nothing, as QEMU does for drivers without it."""
+
+    async def flush_to_os(self) -> None:
+        """Push what the driver caches (metadata, buffers) down to its children."""
+
+    async def flush_to_disk(self) -> None:
+        """Make what reached this node stable (``fdatasync`` for files)."""
+
+    async def truncate(self, length: int) -> None:
+        raise IOFailure(ENOTSUP)
+
+    async def block_status(self, offset: int, length: int) -> BlockStatus:
+        """Default for drivers that know nothing better: all data, allocated."""
+        return BlockStatus(BlockStatusFlags.DATA | BlockStatusFlags.ALLOCATED, length)
+
+    def info(self) -> DriverInfo:
+        return DriverInfo()
+
+    def filename(self) -> str | None:
+        """The plain filename this node can be described by, or None if only json: works."""
+        return None
+
+    def set_backing(self, child: ChildAccess | None) -> None:
+        """The graph gave this node a new backing child (snapshot, commit, stream)."""
+        raise BlockError(f"Driver '{self.format_name}' does not support backing files")
+
+    def reopen_prepare(self, options: dict[str, Any], flags: NodeFlags) -> None:
+        """Check that the driver can switch to ``options``/``flags``; change nothing yet."""
+
+    def reopen_commit(self) -> None:
+        """Apply what ``reopen_prepare`` accepted. Must not fail."""
+
+    def reopen_abort(self) -> None:
+        """Forget what ``reopen_prepare`` prepared."""

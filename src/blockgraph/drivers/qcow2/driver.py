@@ -1,0 +1,876 @@
+"""The qcow2 block driver: open, read, write, zeroes, discard, flush, block status.
+
+Rules of this module:
+
+* Every metadata change (L1, L2 caches, refcounts, header) happens under ``self._lock``, the
+  equivalent of QEMU's ``s->lock``. Guest data reads run outside it once mapped; allocating
+  writes keep it until their L2 entries are set, so two requests never allocate the same cluster.
+* On-disk ordering is QEMU's (``specs/qcow2-format.md`` §10): refcount ↑ before the L2 entry
+  (the L2 cache depends on the refcount cache unless lazy refcounts are on); data and COW
+  before the L2 entry (flush dependency when COW happened); new L2 tables written and synced
+  before the L1 entry (write + sync); L2/L1 changes before refcount ↓ (the refcount cache
+  depends on the L2 cache); the dirty bit synced before the first update that relies on it.
+* Requests come aligned to :attr:`request_alignment` (512) and inside the disk: the request
+  layer above guarantees both.
+
+Extension points for the next step: :meth:`Qcow2Driver._read_compressed` (the compressed write
+path goes next to it), ``header.nb_snapshots``/``snapshots_offset``/``bitmaps`` are parsed and
+kept, and :attr:`Qcow2Driver.overlap_check` is stored for the overlap-check hook of
+:class:`~blockgraph.drivers.qcow2.tables.Qcow2Cache`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from blockgraph.drivers.base import (
+    BlockDriver,
+    BlockStatus,
+    BlockStatusFlags,
+    ChildAccess,
+    ChildRole,
+    DriverInfo,
+    OpenContext,
+    RequestFlags,
+)
+from blockgraph.drivers.qcow2.compress import decompress_cluster
+from blockgraph.drivers.qcow2.header import (
+    COMPRESSION_TYPE_NAMES,
+    HEADER_OFFSET_AUTOCLEAR,
+    HEADER_OFFSET_INCOMPAT,
+    QCOW2_AUTOCLEAR_DATA_FILE_RAW,
+    QCOW2_COMPAT_LAZY_REFCOUNTS,
+    QCOW2_INCOMPAT_CORRUPT,
+    QCOW2_INCOMPAT_DATA_FILE,
+    QCOW2_INCOMPAT_DIRTY,
+    QCOW_CRYPT_NONE,
+    QCOW_MAGIC_BYTES,
+    QcowHeader,
+    parse_header,
+)
+from blockgraph.drivers.qcow2.refcount import Refcounts
+from blockgraph.drivers.qcow2.tables import (
+    L1E_OFFSET_MASK,
+    L1E_SIZE,
+    L2E_OFFSET_MASK,
+    L2E_SIZE_EXTENDED,
+    L2E_SIZE_NORMAL,
+    QCOW2_COMPRESSED_SECTOR_SIZE,
+    QCOW_OFLAG_COPIED,
+    QCOW_OFLAG_ZERO,
+    REFTABLE_ENTRY_SIZE,
+    SUBCLUSTERS_PER_CLUSTER,
+    ClusterType,
+    Qcow2Cache,
+    cluster_type,
+)
+from blockgraph.errors import EIO, ENOTSUP, BlockError, IOFailure
+from blockgraph.options.schema import OptionSpec, OptType, opt
+
+log = logging.getLogger(__name__)
+
+DEFAULT_L2_CACHE_MAX_SIZE = 32 * 1024 * 1024  # QEMU 7.2 on Linux
+MIN_L2_CACHE_SIZE = 2  # clusters
+MIN_REFCOUNT_CACHE_SIZE = 4  # clusters
+MAX_CACHE_CLEAN_INTERVAL = (1 << 32) - 1
+
+OVERLAP_CHECK_TEMPLATES = ("none", "constant", "cached", "all")
+OVERLAP_CHECK_KINDS = (
+    "main-header",
+    "active-l1",
+    "active-l2",
+    "refcount-table",
+    "refcount-block",
+    "snapshot-table",
+    "inactive-l1",
+    "inactive-l2",
+    "bitmap-directory",
+)
+
+# What qcow2 in QEMU 7.2 accepts at open (``qemu-io --image-opts`` rejects anything else).
+QCOW2_RUNTIME_OPTIONS: dict[str, OptionSpec] = {
+    "lazy-refcounts": opt(OptType.BOOL),
+    "pass-discard-request": opt(OptType.BOOL),
+    "pass-discard-snapshot": opt(OptType.BOOL),
+    "pass-discard-other": opt(OptType.BOOL),
+    "overlap-check": opt(OptType.STRING),
+    "overlap-check.template": opt(OptType.STRING),
+    **{f"overlap-check.{kind}": opt(OptType.BOOL) for kind in OVERLAP_CHECK_KINDS},
+    "cache-size": opt(OptType.SIZE),
+    "l2-cache-size": opt(OptType.SIZE),
+    "l2-cache-entry-size": opt(OptType.SIZE),
+    "refcount-cache-size": opt(OptType.SIZE),
+    "cache-clean-interval": opt(OptType.NUMBER),
+    "encrypt.format": opt(OptType.STRING),
+    "encrypt.key-secret": opt(OptType.STRING),
+}
+
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+def _fill_zero(buf: memoryview) -> None:
+    for pos in range(0, len(buf), len(_ZERO_CHUNK)):
+        n = min(len(_ZERO_CHUNK), len(buf) - pos)
+        buf[pos : pos + n] = _ZERO_CHUNK[:n]
+
+
+def resolve_backing_filename(base: str, backing: str) -> str:
+    """QEMU's ``path_combine``: relative backing names are relative to the image's directory."""
+    if backing.startswith("json:") or os.path.isabs(backing) or _is_protocol(backing):
+        return backing
+    if base.startswith("json:") or _is_protocol(base):
+        return backing
+    return os.path.join(os.path.dirname(base), backing)
+
+
+def _is_protocol(name: str) -> bool:
+    colon = name.find(":")
+    slash = name.find("/")
+    return colon > 0 and (slash < 0 or colon < slash)
+
+
+@dataclass
+class _Seg:
+    """One run of a mapped guest range that a single child request can serve."""
+
+    kind: str  # "data" | "zero" | "backing" | "compressed"
+    guest_offset: int
+    length: int
+    host_offset: int = 0  # data: host offset of guest_offset; compressed: the L2 entry
+
+
+class Qcow2Driver(BlockDriver):
+    """qcow2 v2/v3 images over a ``file`` child, with an optional ``backing`` child."""
+
+    format_name = "qcow2"
+    is_format = True
+    supports_backing = True
+    runtime_options: ClassVar[Mapping[str, OptionSpec]] = QCOW2_RUNTIME_OPTIONS
+    supported_write_flags = RequestFlags.NONE
+
+    request_alignment = 512
+
+    def __init__(self) -> None:
+        self.log = log
+        self.file: ChildAccess | None = None
+        self.backing: ChildAccess | None = None
+        self.header = QcowHeader()
+        self.options: dict[str, Any] = {}
+        self.read_only = False
+        self._lock = asyncio.Lock()
+        self.l1_table: list[int] = []
+        self.lazy_refcounts = False
+        self.discard_passthrough = {"request": False, "snapshot": True, "other": False}
+        self.overlap_check = "cached"
+        self.l2_cache_size = 0
+        self.refcount_cache_size = 0
+        self.l2_cache_entry_size = 0
+        self.cache_clean_interval = 600
+        self._pending_discards: list[tuple[int, int]] = []
+        self._discard_type = "other"
+        self._discard_unmap = False
+
+    # ------------------------------------------------------------------ probing and opening
+
+    @classmethod
+    def probe(cls, header: bytes, filename: str) -> int:
+        if len(header) >= 8 and header[:4] == QCOW_MAGIC_BYTES:
+            version = struct.unpack_from(">I", header, 4)[0]
+            if version >= 2:
+                return 100
+        return 0
+
+    async def open(self, ctx: OpenContext, options: dict[str, Any]) -> None:
+        file = await ctx.open_child("file", ChildRole.IMAGE)
+        if file is None:  # pragma: no cover - the graph never returns None without allow_none
+            raise BlockError("qcow2 needs a file child")
+        self.file = file
+        self.read_only = ctx.flags.read_only
+        self._discard_unmap = ctx.flags.discard_unmap
+        self.options = {k: v for k, v in options.items() if v is not None}
+
+        cluster0 = bytearray(min(max(file.getlength(), 0), 1 << 21))
+        if len(cluster0) < 72:
+            raise BlockError("Image is not in qcow2 format")
+        await file.preadv(0, memoryview(cluster0))
+        h = parse_header(bytes(cluster0), file.getlength())
+        self.header = h
+        self._setup_geometry()
+
+        if h.crypt_method != QCOW_CRYPT_NONE:
+            raise BlockError("qcow2: encrypted images are not supported")
+        enc_fmt = self.options.get("encrypt.format")
+        if enc_fmt is not None:
+            raise BlockError(
+                f"No encryption in image header, but options specified format '{enc_fmt}'"
+            )
+        if h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE:
+            if not h.data_file:
+                raise BlockError("'data-file' is required for this image")
+            raise BlockError("qcow2: external data files are not supported")
+        if h.incompatible_features & QCOW2_INCOMPAT_CORRUPT and not self.read_only:
+            raise BlockError("qcow2: Image is corrupt; cannot be opened read/write")
+        if h.incompatible_features & QCOW2_INCOMPAT_DIRTY and not self.read_only:
+            # QEMU repairs the refcounts here (qemu-img check -r all); that comes with check.
+            raise BlockError("qcow2: Image is dirty (lazy refcounts); repair it with "
+                             "'qemu-img check -r all' before opening it read/write")
+
+        self._apply_options()
+
+        # L1 table.
+        if h.l1_size:
+            raw = bytearray(h.l1_size * L1E_SIZE)
+            await file.preadv(h.l1_table_offset, memoryview(raw))
+            self.l1_table = list(struct.unpack(f">{h.l1_size}Q", raw))
+        # Refcount table.
+        nb_reftable = h.refcount_table_clusters * self.cluster_size // REFTABLE_ENTRY_SIZE
+        raw = bytearray(nb_reftable * REFTABLE_ENTRY_SIZE)
+        await file.preadv(h.refcount_table_offset, memoryview(raw))
+        reftable = list(struct.unpack(f">{nb_reftable}Q", raw))
+
+        self.l2_cache = Qcow2Cache(
+            "l2", file, self.cluster_size, self.l2_cache_size // self.cluster_size
+        )
+        self.refcount_cache = Qcow2Cache(
+            "refcount", file, self.cluster_size,
+            max(MIN_REFCOUNT_CACHE_SIZE, self.refcount_cache_size // self.cluster_size),
+        )
+        self.refcounts = Refcounts(
+            file, self.refcount_cache, self.cluster_bits, h.refcount_order,
+            h.refcount_table_offset, reftable,
+        )
+        self.refcounts.l2_cache = self.l2_cache
+        self.refcounts.on_free = self._on_free
+
+        if not self.read_only:
+            # Autoclear bits this implementation does not maintain must go before any write:
+            # that tells other readers that e.g. the persistent bitmaps may be stale now.
+            keep = h.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW
+            if h.version >= 3 and h.autoclear_features != keep:
+                h.autoclear_features = keep
+                await file.pwritev(HEADER_OFFSET_AUTOCLEAR, memoryview(struct.pack(">Q", keep)))
+                await file.flush()
+
+        if h.backing_file is not None or ctx.has_child_options("backing"):
+            if not ctx.flags.no_backing:
+                filename = None
+                if h.backing_file is not None:
+                    filename = resolve_backing_filename(file.filename, h.backing_file)
+                self.backing = await ctx.open_child(
+                    "backing", ChildRole.COW, filename=filename, driver=h.backing_format,
+                    allow_none=True,
+                )
+
+    def _setup_geometry(self) -> None:
+        h = self.header
+        self.cluster_bits = h.cluster_bits
+        self.cluster_size = 1 << h.cluster_bits
+        self.extended_l2 = h.extended_l2
+        self.l2_entry_size = L2E_SIZE_EXTENDED if self.extended_l2 else L2E_SIZE_NORMAL
+        self.l2_size = self.cluster_size // self.l2_entry_size
+        self.l2_bits = self.l2_size.bit_length() - 1
+        self.subcluster_size = self.cluster_size // (
+            SUBCLUSTERS_PER_CLUSTER if self.extended_l2 else 1
+        )
+        self.csize_shift = 62 - (self.cluster_bits - 8)
+        self.csize_mask = (1 << (self.cluster_bits - 8)) - 1
+        self.cluster_offset_mask = (1 << self.csize_shift) - 1
+
+    def _apply_options(self) -> None:
+        o = self.options
+        h = self.header
+        cs = self.cluster_size
+
+        lazy = o.get("lazy-refcounts", bool(h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS))
+        if lazy and h.version < 3:
+            raise BlockError(
+                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
+            )
+        self.lazy_refcounts = bool(lazy)
+
+        # Cache sizes, as read_cache_sizes() in QEMU.
+        combined = o.get("cache-size")
+        l2_size = o.get("l2-cache-size")
+        rc_size = o.get("refcount-cache-size")
+        if combined is not None and l2_size is not None and rc_size is not None:
+            raise BlockError(
+                "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time"
+            )
+        max_l2_cache = -(-h.size // (self.l2_size * cs)) * cs
+        min_rc = MIN_REFCOUNT_CACHE_SIZE * cs
+        if combined is not None:
+            if l2_size is not None:
+                if l2_size > combined:
+                    raise BlockError("l2-cache-size may not exceed cache-size")
+                rc_size = combined - l2_size
+            elif rc_size is not None:
+                if rc_size > combined:
+                    raise BlockError("refcount-cache-size may not exceed cache-size")
+                l2_size = combined - rc_size
+            else:
+                l2_size = min(max_l2_cache, max(combined - min_rc, 0))
+                rc_size = combined - l2_size
+        else:
+            if l2_size is None:
+                l2_size = min(max_l2_cache, DEFAULT_L2_CACHE_MAX_SIZE)
+            if rc_size is None:
+                rc_size = min_rc
+        self.l2_cache_size = max(l2_size, MIN_L2_CACHE_SIZE * cs)
+        self.refcount_cache_size = max(rc_size, min_rc)
+
+        entry = o.get("l2-cache-entry-size", cs)
+        if entry < 512 or entry > cs or entry & (entry - 1):
+            raise BlockError(
+                f"L2 cache entry size must be a power of two between 512 and the cluster size ({cs})"
+            )
+        self.l2_cache_entry_size = entry
+
+        interval = o.get("cache-clean-interval", 600)
+        if interval < 0 or interval > MAX_CACHE_CLEAN_INTERVAL:
+            raise BlockError("Cache clean interval too big")
+        self.cache_clean_interval = interval
+
+        template = o.get("overlap-check.template")
+        main = o.get("overlap-check")
+        if main is not None and template is not None and main != template:
+            raise BlockError(
+                f"Conflicting values for qcow2 options 'overlap-check' ('{main}') and "
+                f"'overlap-check.template' ('{template}')"
+            )
+        value = main if main is not None else template
+        if value is not None and value not in OVERLAP_CHECK_TEMPLATES:
+            raise BlockError(
+                f"Unsupported value '{value}' for qcow2 option 'overlap-check'. Allowed are any "
+                "of the following: none, constant, cached, all"
+            )
+        self.overlap_check = value or "cached"
+
+        self.discard_passthrough = {
+            "request": bool(o.get("pass-discard-request", self._discard_unmap)),
+            "snapshot": bool(o.get("pass-discard-snapshot", True)),
+            "other": bool(o.get("pass-discard-other", False)),
+        }
+
+    async def close(self) -> None:
+        if self.file is None or self.read_only:
+            return
+        async with self._lock:
+            await self._write_caches()
+            await self.file.flush()
+            if self.header.incompatible_features & QCOW2_INCOMPAT_DIRTY:
+                await self._set_incompat(self.header.incompatible_features & ~QCOW2_INCOMPAT_DIRTY)
+
+    # ------------------------------------------------------------------ small helpers
+
+    @property
+    def _file(self) -> ChildAccess:
+        assert self.file is not None
+        return self.file
+
+    def getlength(self) -> int:
+        return self.header.size
+
+    def set_backing(self, child: ChildAccess | None) -> None:
+        self.backing = child
+
+    def info(self) -> DriverInfo:
+        h = self.header
+        extra: dict[str, Any] = {
+            "compat": "0.10" if h.version == 2 else "1.1",
+            "cluster-size": self.cluster_size,
+            "compression-type": COMPRESSION_TYPE_NAMES.get(h.compression_type, "zlib"),
+            "refcount-bits": 1 << h.refcount_order,
+            "corrupt": bool(h.incompatible_features & QCOW2_INCOMPAT_CORRUPT),
+            "extended-l2": h.extended_l2,
+        }
+        if h.version >= 3:
+            extra["lazy-refcounts"] = bool(h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS)
+        return DriverInfo(backing_file=h.backing_file, backing_format=h.backing_format,
+                          encrypted=h.crypt_method != QCOW_CRYPT_NONE, extra=extra)
+
+    def filename(self) -> str | None:
+        return None
+
+    def _on_free(self, offset: int, length: int) -> None:
+        for ci in range(offset, offset + length, self.cluster_size):
+            self.l2_cache.discard(ci)
+        if self.discard_passthrough.get(self._discard_type, False):
+            self._pending_discards.append((offset, length))
+
+    async def _set_incompat(self, value: int) -> None:
+        await self._file.pwritev(HEADER_OFFSET_INCOMPAT, memoryview(struct.pack(">Q", value)))
+        await self._file.flush()
+        self.header.incompatible_features = value
+
+    async def _mark_dirty(self) -> None:
+        """With lazy refcounts: the dirty bit reaches the disk before anything relying on it."""
+        h = self.header
+        if self.lazy_refcounts and not h.incompatible_features & QCOW2_INCOMPAT_DIRTY:
+            await self._file.flush()
+            await self._set_incompat(h.incompatible_features | QCOW2_INCOMPAT_DIRTY)
+
+    async def _l2_depends_on_refcounts(self) -> None:
+        if self.lazy_refcounts:
+            await self._mark_dirty()
+        else:
+            await self.l2_cache.set_dependency(self.refcount_cache)
+
+    def _split(self, offset: int, length: int) -> tuple[int, int, int]:
+        """(l1_index, l2_index, nb_clusters) for the part of the range inside one L2 table."""
+        cluster = offset >> self.cluster_bits
+        l2_index = cluster & (self.l2_size - 1)
+        l1_index = cluster >> self.l2_bits
+        last = (offset + length - 1) >> self.cluster_bits
+        nb = min(last - cluster + 1, self.l2_size - l2_index)
+        return l1_index, l2_index, nb
+
+    async def _l2_entries(self, l1_index: int, l2_index: int, nb: int) -> list[tuple[int, int]]:
+        """``nb`` (entry, bitmap) pairs from one L2 table; all zero where no table exists."""
+        l2_offset = self.l1_table[l1_index] & L1E_OFFSET_MASK if l1_index < len(self.l1_table) else 0
+        if not l2_offset:
+            return [(0, 0)] * nb
+        if l2_offset % self.cluster_size:
+            raise IOFailure(EIO, "qcow2: L2 table offset is not cluster aligned")
+        table = await self.l2_cache.get(l2_offset)
+        if self.extended_l2:
+            words = struct.unpack_from(f">{2 * nb}Q", table, l2_index * L2E_SIZE_EXTENDED)
+            return list(zip(words[0::2], words[1::2], strict=True))
+        return [(e, 0) for e in struct.unpack_from(f">{nb}Q", table, l2_index * L2E_SIZE_NORMAL)]
+
+    def _compressed_range(self, l2_entry: int) -> tuple[int, int]:
+        coffset = l2_entry & self.cluster_offset_mask
+        nb_csectors = ((l2_entry >> self.csize_shift) & self.csize_mask) + 1
+        csize = nb_csectors * QCOW2_COMPRESSED_SECTOR_SIZE - (coffset & 511)
+        return coffset, csize
+
+    # ------------------------------------------------------------------ mapping and reads
+
+    def _segments(self, offset: int, length: int, entries: list[tuple[int, int]]) -> list[_Seg]:
+        """Turn L2 entries into runs that each need one child request (merged when adjacent)."""
+        segs: list[_Seg] = []
+        cs = self.cluster_size
+        end = offset + length
+        cluster_start = offset & ~(cs - 1)
+        # Unallocated space reads from the backing file, or as zeros without one.
+        unalloc = "backing"
+        for i, (entry, bitmap) in enumerate(entries):
+            cstart = cluster_start + i * cs
+            lo = max(cstart, offset)
+            hi = min(cstart + cs, end)
+            ctype = cluster_type(entry & ~QCOW_OFLAG_ZERO if self.extended_l2 else entry)
+            if ctype is ClusterType.COMPRESSED:
+                segs.append(_Seg("compressed", lo, hi - lo, entry))
+                continue
+            if self.extended_l2:
+                self._ext_segments(segs, lo, hi, cstart, entry, bitmap, unalloc)
+                continue
+            if ctype is ClusterType.NORMAL:
+                host = (entry & L2E_OFFSET_MASK) + (lo - cstart)
+                self._append(segs, "data", lo, hi - lo, host)
+            elif ctype is ClusterType.UNALLOCATED:
+                self._append(segs, unalloc, lo, hi - lo, 0)
+            elif ctype is ClusterType.ZERO_ALLOC:
+                host = (entry & L2E_OFFSET_MASK) + (lo - cstart)
+                self._append(segs, "zeroalloc", lo, hi - lo, host)
+            else:
+                self._append(segs, "zero", lo, hi - lo, 0)
+        return segs
+
+    def _ext_segments(self, segs: list[_Seg], lo: int, hi: int, cstart: int, entry: int,
+                      bitmap: int, unalloc: str) -> None:
+        sc = self.subcluster_size
+        host_base = entry & L2E_OFFSET_MASK
+        pos = lo
+        while pos < hi:
+            idx = (pos - cstart) // sc
+            sc_end = min(cstart + (idx + 1) * sc, hi)
+            if bitmap & (1 << idx):
+                self._append(segs, "data", pos, sc_end - pos, host_base + (pos - cstart))
+            elif bitmap & (1 << (32 + idx)):
+                self._append(segs, "zero", pos, sc_end - pos, 0)
+            else:
+                self._append(segs, unalloc, pos, sc_end - pos, 0)
+            pos = sc_end
+
+    @staticmethod
+    def _append(segs: list[_Seg], kind: str, guest: int, length: int, host: int) -> None:
+        if segs:
+            last = segs[-1]
+            if last.kind == kind and last.guest_offset + last.length == guest and (
+                kind not in ("data", "zeroalloc") or last.host_offset + last.length == host
+            ):
+                last.length += length
+                return
+        segs.append(_Seg(kind, guest, length, host))
+
+    async def preadv(self, offset: int, buf: memoryview, flags: RequestFlags) -> None:
+        pos = 0
+        total = len(buf)
+        while pos < total:
+            cur = offset + pos
+            l1_index, l2_index, nb = self._split(cur, total - pos)
+            chunk = min(total - pos, ((cur >> self.cluster_bits) + nb) * self.cluster_size - cur)
+            async with self._lock:
+                entries = await self._l2_entries(l1_index, l2_index, nb)
+            for seg in self._segments(cur, chunk, entries):
+                start = seg.guest_offset - offset
+                await self._read_segment(seg, buf[start : start + seg.length])
+            pos += chunk
+
+    async def _read_segment(self, seg: _Seg, view: memoryview) -> None:
+        if seg.kind == "data":
+            await self._file.preadv(seg.host_offset, view)
+        elif seg.kind in ("zero", "zeroalloc"):
+            _fill_zero(view)
+        elif seg.kind == "backing":
+            await self._read_backing(seg.guest_offset, view)
+        else:
+            data = await self._read_compressed(seg.host_offset)
+            start = seg.guest_offset & (self.cluster_size - 1)
+            view[:] = data[start : start + len(view)]
+
+    async def _read_backing(self, offset: int, view: memoryview) -> None:
+        backing = self.backing
+        if backing is None:
+            _fill_zero(view)
+            return
+        blen = backing.getlength()
+        n = max(0, min(len(view), blen - offset))
+        if n:
+            await backing.preadv(offset, view[:n])
+        if n < len(view):
+            _fill_zero(view[n:])
+
+    async def _read_compressed(self, l2_entry: int) -> bytes:
+        coffset, csize = self._compressed_range(l2_entry)
+        raw = bytearray(csize)
+        await self._file.preadv(coffset, memoryview(raw))
+        return decompress_cluster(self.header.compression_type, raw, self.cluster_size)
+
+    # ------------------------------------------------------------------ allocation and writes
+
+    async def _write_l1_entry(self, l1_index: int) -> None:
+        data = struct.pack(">Q", self.l1_table[l1_index])
+        await self._file.pwritev(self.header.l1_table_offset + l1_index * L1E_SIZE,
+                                 memoryview(data))
+        await self._file.flush()
+
+    async def _get_l2_for_write(self, l1_index: int) -> int:
+        """Return the offset of a writable (refcount 1) L2 table for ``l1_index``.
+
+        Allocates a zeroed table, or copies a shared one (``l2_allocate``): refcount, then the
+        table contents (write + sync), then the L1 entry (write + sync).
+        """
+        if l1_index >= len(self.l1_table):
+            raise IOFailure(EIO, "qcow2: guest offset beyond the L1 table")
+        l1_entry = self.l1_table[l1_index]
+        old_offset = l1_entry & L1E_OFFSET_MASK
+        if old_offset and l1_entry & QCOW_OFLAG_COPIED:
+            return old_offset
+        await self._l2_depends_on_refcounts()
+        new_offset = await self.refcounts.alloc_clusters(self.cluster_size)
+        await self.refcount_cache.flush()
+        if old_offset:
+            old = bytes(await self.l2_cache.get(old_offset))
+            table = await self.l2_cache.get_empty(new_offset)
+            table[:] = old
+        else:
+            await self.l2_cache.get_empty(new_offset)
+        self.l2_cache.mark_dirty(new_offset)
+        await self.l2_cache.flush()
+        self.l1_table[l1_index] = new_offset | QCOW_OFLAG_COPIED
+        await self._write_l1_entry(l1_index)
+        if old_offset:
+            await self.refcounts.free_clusters(old_offset, self.cluster_size)
+        return new_offset
+
+    async def _free_any_cluster(self, l2_entry: int) -> None:
+        """Drop the reference an L2 entry held (normal, preallocated zero, or compressed)."""
+        ctype = cluster_type(l2_entry & ~QCOW_OFLAG_ZERO if self.extended_l2 else l2_entry)
+        if ctype is ClusterType.COMPRESSED:
+            coffset, csize = self._compressed_range(l2_entry)
+            await self.refcounts.free_clusters(coffset, csize)
+        elif ctype in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+            await self.refcounts.free_clusters(l2_entry & L2E_OFFSET_MASK, self.cluster_size)
+
+    async def _read_old(self, cluster_offset: int, l2_entry: int, start: int, end: int) -> bytes:
+        """Guest bytes ``[start, end)`` of one cluster as mapped by its old entry (for COW)."""
+        out = bytearray(end - start)
+        for seg in self._segments(start, end - start, [(l2_entry, 0)]):
+            a = seg.guest_offset - start
+            await self._read_segment(seg, memoryview(out)[a : a + seg.length])
+        return bytes(out)
+
+    async def pwritev(self, offset: int, buf: memoryview, flags: RequestFlags) -> None:
+        if self.extended_l2:
+            raise IOFailure(ENOTSUP, "qcow2: writing images with extended L2 entries is not "
+                            "supported yet")
+        pos = 0
+        total = len(buf)
+        async with self._lock:
+            self._discard_type = "other"
+            while pos < total:
+                cur = offset + pos
+                l1_index, l2_index, nb = self._split(cur, total - pos)
+                chunk = min(total - pos,
+                            ((cur >> self.cluster_bits) + nb) * self.cluster_size - cur)
+                await self._write_slice(cur, buf[pos : pos + chunk], l1_index, l2_index, nb)
+                pos += chunk
+
+    async def _write_slice(self, offset: int, data: memoryview, l1_index: int, l2_index: int,
+                           nb: int) -> None:
+        cs = self.cluster_size
+        entries = [e for e, _ in await self._l2_entries(l1_index, l2_index, nb)]
+        # Runs: ("inplace", first, count, host) / ("reuse", ...) / ("new", first, count, 0).
+        runs: list[list[Any]] = []
+        for i, entry in enumerate(entries):
+            ctype = cluster_type(entry)
+            host = entry & L2E_OFFSET_MASK
+            if ctype is ClusterType.NORMAL and entry & QCOW_OFLAG_COPIED:
+                kind = "inplace"
+            elif ctype is ClusterType.ZERO_ALLOC and entry & QCOW_OFLAG_COPIED:
+                kind = "reuse"
+            else:
+                kind, host = "new", 0
+            if runs:
+                last = runs[-1]
+                if last[0] == kind and (kind == "new" or last[3] + last[2] * cs == host):
+                    last[2] += 1
+                    continue
+            runs.append([kind, i, 1, host])
+
+        need_l2 = any(r[0] != "inplace" for r in runs)
+        l2_offset = await self._get_l2_for_write(l1_index) if need_l2 else 0
+        cluster_base = (offset >> self.cluster_bits) << self.cluster_bits
+        end = offset + len(data)
+        for kind, first, count, host in runs:
+            run_start = cluster_base + first * cs
+            run_end = run_start + count * cs
+            lo = max(run_start, offset)
+            hi = min(run_end, end)
+            piece = data[lo - offset : hi - offset]
+            if kind == "inplace":
+                await self._file.pwritev(host + (lo - run_start), piece)
+                continue
+            if kind == "new":
+                host = await self.refcounts.alloc_clusters(count * cs)
+            cow = False
+            if lo > run_start:
+                head = await self._read_old(run_start, entries[first], run_start, lo)
+                await self._file.pwritev(host, memoryview(head))
+                cow = True
+            await self._file.pwritev(host + (lo - run_start), piece)
+            if hi < run_end:
+                tail = await self._read_old(run_end - cs, entries[first + count - 1], hi, run_end)
+                await self._file.pwritev(host + (hi - run_start), memoryview(tail))
+                cow = True
+            if cow:
+                self.l2_cache.set_depends_on_flush()
+            await self._l2_depends_on_refcounts()
+            table = await self.l2_cache.get(l2_offset)
+            idx = l2_index + first
+            struct.pack_into(
+                f">{count}Q", table, idx * L2E_SIZE_NORMAL,
+                *[(host + k * cs) | QCOW_OFLAG_COPIED for k in range(count)],
+            )
+            self.l2_cache.mark_dirty(l2_offset)
+            if kind == "new":
+                for old in entries[first : first + count]:
+                    await self._free_any_cluster(old)
+
+    async def _is_zero(self, offset: int, length: int) -> bool:
+        """Whether ``[offset, offset+length)`` already reads as zeros, from metadata alone."""
+        end = min(offset + length, self.header.size)
+        pos = offset
+        while pos < end:
+            l1_index, l2_index, nb = self._split(pos, end - pos)
+            chunk = min(end - pos, ((pos >> self.cluster_bits) + nb) * self.cluster_size - pos)
+            for seg in self._segments(pos, chunk, await self._l2_entries(l1_index, l2_index, nb)):
+                if seg.kind in ("zero", "zeroalloc"):
+                    continue
+                if seg.kind == "backing" and (
+                    self.backing is None or seg.guest_offset >= self.backing.getlength()
+                ):
+                    continue
+                return False
+            pos += chunk
+        return True
+
+    async def pwrite_zeroes(self, offset: int, length: int, flags: RequestFlags) -> None:
+        cs = self.cluster_size
+        async with self._lock:
+            head = offset & (cs - 1)
+            end = offset + length
+            tail_end = min(-(-end // cs) * cs, -(-self.header.size // cs) * cs)
+            start = offset - head
+            if head and not await self._is_zero(start, head):
+                raise IOFailure(ENOTSUP)
+            if end < tail_end and end < self.header.size and not await self._is_zero(
+                end, tail_end - end
+            ):
+                raise IOFailure(ENOTSUP)
+            if self.header.version < 3 or self.extended_l2:
+                # No zero flag: fine only if it reads as zeros already.
+                if await self._is_zero(start, tail_end - start):
+                    return
+                raise IOFailure(ENOTSUP)
+            self._discard_type = "request"
+            pos = start
+            while pos < tail_end:
+                l1_index, l2_index, nb = self._split(pos, tail_end - pos)
+                await self._zero_slice(l1_index, l2_index, nb, flags)
+                pos += nb * cs
+
+    async def _zero_slice(self, l1_index: int, l2_index: int, nb: int,
+                          flags: RequestFlags) -> None:
+        entries = [e for e, _ in await self._l2_entries(l1_index, l2_index, nb)]
+        new_entries: list[int] = []
+        for entry in entries:
+            ctype = cluster_type(entry)
+            unmap = ctype is ClusterType.COMPRESSED or (
+                bool(flags & RequestFlags.MAY_UNMAP)
+                and ctype in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC)
+            )
+            new_entries.append((0 if unmap else entry) | QCOW_OFLAG_ZERO)
+        if new_entries == entries:
+            return
+        l2_offset = await self._get_l2_for_write(l1_index)
+        await self._update_entries(l2_offset, l2_index, entries, new_entries)
+
+    async def _update_entries(self, l2_offset: int, l2_index: int, old: list[int],
+                              new: list[int]) -> None:
+        """Write new L2 entries, then drop the references the replaced ones held."""
+        table = await self.l2_cache.get(l2_offset)
+        struct.pack_into(f">{len(new)}Q", table, l2_index * L2E_SIZE_NORMAL, *new)
+        self.l2_cache.mark_dirty(l2_offset)
+        keeps = (ClusterType.NORMAL, ClusterType.ZERO_ALLOC)
+        for o, n in zip(old, new, strict=True):
+            if o == n:
+                continue
+            same_cluster = (
+                cluster_type(o) in keeps and cluster_type(n) in keeps
+                and (o & L2E_OFFSET_MASK) == (n & L2E_OFFSET_MASK)
+            )
+            if not same_cluster:
+                await self._free_any_cluster(o)
+
+    async def pdiscard(self, offset: int, length: int) -> None:
+        if self.read_only:
+            return
+        cs = self.cluster_size
+        start = -(-offset // cs) * cs
+        end = (offset + length) // cs * cs
+        if offset + length >= self.header.size:
+            end = max(end, -(-self.header.size // cs) * cs)  # the partial last cluster
+        if end <= start:
+            return
+        async with self._lock:
+            self._discard_type = "request"
+            pos = start
+            while pos < end:
+                l1_index, l2_index, nb = self._split(pos, end - pos)
+                await self._discard_slice(l1_index, l2_index, nb)
+                pos += nb * cs
+
+    async def _discard_slice(self, l1_index: int, l2_index: int, nb: int) -> None:
+        entries = [e for e, _ in await self._l2_entries(l1_index, l2_index, nb)]
+        has_backing = self.backing is not None
+        zero = QCOW_OFLAG_ZERO if self.header.version >= 3 else 0
+        new_entries = []
+        for entry in entries:
+            ctype = cluster_type(entry)
+            allocated = ctype in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC,
+                                  ClusterType.COMPRESSED)
+            # With a backing file a zero entry keeps the backing data hidden.
+            new_entries.append(zero if has_backing or allocated else 0)
+        if not any(new_entries) and not any(entries):
+            return
+        if new_entries == entries:
+            return
+        l2_offset = await self._get_l2_for_write(l1_index)
+        await self._update_entries(l2_offset, l2_index, entries, new_entries)
+
+    # ------------------------------------------------------------------ flush and status
+
+    async def _write_caches(self) -> None:
+        # L2 tables first: their dependency writes the refcount blocks (and syncs) before them.
+        await self.l2_cache.write()
+        await self.refcount_cache.write()
+        if self._pending_discards:
+            await self._file.flush()
+            pending, self._pending_discards = self._pending_discards, []
+            for off, length in pending:
+                try:
+                    await self._file.pdiscard(off, length)
+                except IOFailure:
+                    pass  # advisory
+
+    async def flush_to_os(self) -> None:
+        if self.file is None or self.read_only:
+            return
+        async with self._lock:
+            await self._write_caches()
+
+    async def block_status(self, offset: int, length: int) -> BlockStatus:
+        l1_index, l2_index, nb = self._split(offset, length)
+        chunk = min(length, ((offset >> self.cluster_bits) + nb) * self.cluster_size - offset)
+        async with self._lock:
+            entries = await self._l2_entries(l1_index, l2_index, nb)
+        segs = self._segments(offset, chunk, entries)
+        first = segs[0]
+        n = first.length
+        # "data"/"zeroalloc" runs are already merged where host offsets are contiguous.
+        for seg in segs[1:]:
+            if seg.kind != first.kind or seg.kind in ("data", "zeroalloc"):
+                break
+            n += seg.length
+        F = BlockStatusFlags
+        if first.kind == "data":
+            return BlockStatus(F.DATA | F.OFFSET_VALID | F.ALLOCATED, n, first.host_offset,
+                               self.file)
+        if first.kind == "zeroalloc":
+            return BlockStatus(F.ZERO | F.OFFSET_VALID | F.ALLOCATED, n, first.host_offset,
+                               self.file)
+        if first.kind == "compressed":
+            return BlockStatus(F.DATA | F.ALLOCATED, n)
+        if first.kind == "zero":
+            return BlockStatus(F.ZERO | F.ALLOCATED, n)
+        return BlockStatus(F(0), n)
+
+    async def preallocate_metadata(self, offset: int, length: int) -> None:
+        """``preallocation=metadata``: L2 tables and data clusters allocated, data untouched.
+
+        Per L2 table, as QEMU does: the table first, then its data clusters in one run; the
+        file is then extended to cover the last cluster, so reads never go past its end.
+        """
+        cs = self.cluster_size
+        end = -(-(offset + length) // cs) * cs
+        pos = offset & ~(cs - 1)
+        last_end = 0
+        async with self._lock:
+            while pos < end:
+                l1_index, l2_index, nb = self._split(pos, end - pos)
+                l2_offset = await self._get_l2_for_write(l1_index)
+                host = await self.refcounts.alloc_clusters(nb * cs)
+                await self._l2_depends_on_refcounts()
+                table = await self.l2_cache.get(l2_offset)
+                if self.extended_l2:
+                    words: list[int] = []
+                    for k in range(nb):
+                        words += [(host + k * cs) | QCOW_OFLAG_COPIED, 0]
+                    struct.pack_into(f">{2 * nb}Q", table, l2_index * L2E_SIZE_EXTENDED, *words)
+                else:
+                    struct.pack_into(f">{nb}Q", table, l2_index * L2E_SIZE_NORMAL,
+                                     *[(host + k * cs) | QCOW_OFLAG_COPIED for k in range(nb)])
+                self.l2_cache.mark_dirty(l2_offset)
+                last_end = max(last_end, host + nb * cs)
+                pos += nb * cs
+            await self._write_caches()
+            if last_end > self._file.getlength():
+                await self._file.truncate(last_end)

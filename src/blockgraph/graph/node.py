@@ -1,0 +1,254 @@
+"""Nodes, the edges between them (children with roles), and BlockBackends.
+
+A :class:`Node` is one driver instance in the graph with its options and flags; it is also the
+request layer for everything below it (it derives from :class:`~blockgraph.io.request.IONode`).
+A :class:`Child` is an edge from a parent node to a child node with a name (``file``,
+``backing``, ``image``, ...) and QEMU's role bits; it is what a driver holds to do I/O on its
+children. A :class:`BlockBackend` is a root attachment: the only place writethrough lives.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from blockgraph.drivers.base import (
+    BlockDriver,
+    BlockStatus,
+    ChildRole,
+    NodeFlags,
+    RequestFlags,
+)
+from blockgraph.io.request import IONode
+
+if TYPE_CHECKING:
+    from blockgraph.graph.layer import BlockLayer
+
+log = logging.getLogger(__name__)
+
+
+class Child:
+    """An edge parent → child; implements the drivers' ``ChildAccess`` view."""
+
+    def __init__(self, name: str, role: ChildRole, parent: Node, node: Node) -> None:
+        self._name = name
+        self._role = role
+        self.parent = parent
+        self.node = node
+
+    def __repr__(self) -> str:
+        return f"<Child {self.parent.node_name}.{self._name} -> {self.node.node_name}>"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def role(self) -> ChildRole:
+        return self._role
+
+    @property
+    def node_name(self) -> str:
+        return self.node.node_name
+
+    @property
+    def filename(self) -> str:
+        return self.node.filename
+
+    @property
+    def driver_name(self) -> str:
+        return self.node.driver_name
+
+    def getlength(self) -> int:
+        return self.node.getlength()
+
+    async def preadv(self, offset: int, buf: memoryview, flags: RequestFlags = RequestFlags.NONE) -> None:
+        await self.node.preadv(offset, buf, flags)
+
+    async def pwritev(self, offset: int, buf: memoryview, flags: RequestFlags = RequestFlags.NONE) -> None:
+        await self.node.pwritev(offset, buf, flags)
+
+    async def pwrite_zeroes(self, offset: int, length: int, flags: RequestFlags = RequestFlags.NONE) -> None:
+        await self.node.pwrite_zeroes(offset, length, flags)
+
+    async def pdiscard(self, offset: int, length: int) -> None:
+        await self.node.pdiscard(offset, length)
+
+    async def flush(self) -> None:
+        await self.node.flush()
+
+    async def truncate(self, length: int) -> None:
+        await self.node.truncate(length)
+
+    async def block_status(self, offset: int, length: int) -> BlockStatus:
+        return await self.node.block_status(offset, length)
+
+    async def debug_event(self, name: str) -> None:
+        """Pass a blkdebug event (``BLKDBG_EVENT``) to the child's driver if it listens."""
+        handler = getattr(self.node.driver, "debug_event", None)
+        if handler is not None:
+            await handler(name)
+
+
+class Node(IONode):
+    """One node of the graph.
+
+    :param layer: the :class:`BlockLayer` that owns it.
+    :param node_name: its name (given, or ``#blockNNN`` generated).
+    :param driver: the driver instance (not yet opened when the node is made).
+    :param flags: the open flags, shared with the driver and updated in place by reopen.
+    """
+
+    def __init__(
+        self, layer: BlockLayer, node_name: str, auto_named: bool, driver: BlockDriver, flags: NodeFlags
+    ) -> None:
+        super().__init__(driver, flags)
+        self.layer = layer
+        self.node_name = node_name
+        self.auto_named = auto_named
+        self.driver_name = driver.format_name
+        # Effective options of this node alone (child subtrees removed; a child opened here is
+        # recorded as a reference under its name), and the subset the user set explicitly.
+        self.options: dict[str, object] = {}
+        self.explicit_options: dict[str, object] = {}
+        self.children: list[Child] = []
+        self.parents: list[Child] = []
+        self.backends: list[BlockBackend] = []
+        # The parent whose options this node inherits on reopen (None for referenced nodes).
+        self.inherits_from: Node | None = None
+        self.log = log.getChild(node_name.lstrip("#"))
+        # The filename given when the node was opened (before any json: was parsed), used when
+        # the node cannot describe itself with a plain filename.
+        self.open_filename: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<Node {self.node_name} ({self.driver_name})>"
+
+    def io_children(self) -> Iterator[Node]:
+        return (c.node for c in self.children)
+
+    def child(self, name: str) -> Child | None:
+        return next((c for c in self.children if c.name == name), None)
+
+    @property
+    def file(self) -> Node | None:
+        c = self.child("file")
+        return c.node if c else None
+
+    @property
+    def backing(self) -> Node | None:
+        c = self.child("backing")
+        return c.node if c else None
+
+    @property
+    def filename(self) -> str:
+        """The node's filename as ``info block`` shows it (QEMU's refreshed filename)."""
+        own = self.driver.filename()
+        if own is not None:
+            return own
+        # Format drivers and filters describe themselves by their primary child.
+        for c in self.children:
+            if c.role & ChildRole.PRIMARY:
+                return c.node.filename
+        return self.open_filename or ""
+
+    def backing_chain_depth(self) -> int:
+        depth = 0
+        node = self.backing
+        while node is not None:
+            depth += 1
+            node = node.backing
+        return depth
+
+
+@dataclass
+class BlockBackendStats:
+    """I/O accounting at the BlockBackend (what ``query-blockstats`` reports)."""
+
+    rd_operations: int = 0
+    wr_operations: int = 0
+    flush_operations: int = 0
+    rd_bytes: int = 0
+    wr_bytes: int = 0
+    failed_rd_operations: int = 0
+    failed_wr_operations: int = 0
+
+
+@dataclass
+class BlockBackend:
+    """A root attachment through which a user, device, export or job does I/O.
+
+    ``write_cache`` False means writethrough: every write completes only once it is stable.
+    """
+
+    layer: BlockLayer
+    name: str
+    root: Node | None = None
+    write_cache: bool = True
+    read_only: bool = False
+    tray_open: bool = False
+    locked: bool = False
+    removable: bool = True
+    rerror: str = "report"
+    werror: str = "enospc"
+    detect_zeroes: str = "off"
+    stats: BlockBackendStats = field(default_factory=BlockBackendStats)
+    # The open flags a new medium gets (``change``), remembered from the drive's options.
+    root_flags: NodeFlags = field(default_factory=NodeFlags)
+
+    def attach(self, node: Node | None) -> None:
+        """Make ``node`` the root (or eject with None). The write cache mode stays with us."""
+        if self.root is not None:
+            self.root.backends.remove(self)
+        self.root = node
+        if node is not None:
+            node.backends.append(self)
+
+    def _root(self) -> Node:
+        if self.root is None:
+            from blockgraph.errors import IOFailure
+
+            raise IOFailure(123)  # ENOMEDIUM
+        return self.root
+
+    async def preadv(self, offset: int, buf: memoryview) -> None:
+        root = self._root()
+        try:
+            await root.preadv(offset, buf)
+        except Exception:
+            self.stats.failed_rd_operations += 1
+            raise
+        self.stats.rd_operations += 1
+        self.stats.rd_bytes += len(buf)
+
+    async def pwritev(self, offset: int, buf: memoryview, flags: RequestFlags = RequestFlags.NONE) -> None:
+        """Write; a writethrough BlockBackend adds FUA so the data is stable on return."""
+        root = self._root()
+        if not self.write_cache:
+            flags |= RequestFlags.FUA
+        try:
+            await root.pwritev(offset, buf, flags)
+        except Exception:
+            self.stats.failed_wr_operations += 1
+            raise
+        self.stats.wr_operations += 1
+        self.stats.wr_bytes += len(buf)
+
+    async def pwrite_zeroes(self, offset: int, length: int, flags: RequestFlags = RequestFlags.NONE) -> None:
+        if not self.write_cache:
+            flags |= RequestFlags.FUA
+        await self._root().pwrite_zeroes(offset, length, flags)
+        self.stats.wr_operations += 1
+        self.stats.wr_bytes += length
+
+    async def pdiscard(self, offset: int, length: int) -> None:
+        await self._root().pdiscard(offset, length)
+
+    async def flush(self) -> None:
+        self.stats.flush_operations += 1
+        await self._root().flush()
+
+    def getlength(self) -> int:
+        return self._root().getlength()

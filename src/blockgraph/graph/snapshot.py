@@ -1,0 +1,79 @@
+"""External snapshots: a new overlay becomes the BlockBackend's root over the old top.
+
+The overlay is opened without a BlockBackend, so it is opened writeback, as every non-root
+node is; the BlockBackend is then moved onto it and keeps its own write cache mode, which is
+how "the original cache mode moves to the new root". ``cache.direct`` and ``cache.no-flush``
+are carried from the old top to the overlay, as QEMU carries the old top's open flags.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from blockgraph.drivers.base import ChildRole
+from blockgraph.errors import BlockError
+from blockgraph.graph.create import create_image
+from blockgraph.graph.layer import BlockLayer
+from blockgraph.graph.node import BlockBackend, Node
+from blockgraph.graph.reopen import reopen
+
+
+async def external_snapshot(
+    layer: BlockLayer,
+    bb: BlockBackend,
+    overlay_filename: str,
+    fmt: str = "qcow2",
+    *,
+    existing: bool = False,
+    overlay_node_name: str | None = None,
+) -> Node:
+    """Put a new overlay ``overlay_filename`` on top of ``bb``'s root.
+
+    :param existing: the overlay file exists already (``-n`` / ``mode=existing``); otherwise it
+        is created with the old top as its backing file.
+    :raise BlockError: QEMU's message; then the graph is unchanged.
+    """
+    old_top = bb.root
+    if old_top is None:
+        raise BlockError(f"Device '{bb.name}' has no medium")
+    if not existing:
+        options: dict[str, object] = {"size": old_top.getlength()}
+        options["backing_file"] = old_top.filename
+        options["backing_fmt"] = old_top.driver_name
+        await create_image(layer, overlay_filename, fmt, old_top.getlength(), options)
+    overlay_options: dict[str, object] = {
+        "driver": fmt,
+        # The old top is attached as the backing node below; opening the header's backing file
+        # would open the same image a second time.
+        "backing": None,
+        "cache.direct": old_top.flags.direct,
+        "cache.no-flush": old_top.flags.no_flush,
+    }
+    if overlay_node_name is not None:
+        overlay_options["node-name"] = overlay_node_name
+    overlay = await layer.open_node(overlay_filename, overlay_options)
+    # The user's explicit "backing: null" was ours, not theirs: forget it, so a later reopen
+    # does not see it as an option to keep.
+    overlay.explicit_options.pop("backing", None)
+    try:
+        await reopen(old_top, {}, read_only=True)
+    except BaseException:
+        await layer.delete_node(overlay)
+        raise
+    overlay.driver.set_backing(layer._link(overlay, "backing", ChildRole.COW, old_top))
+    for backend in list(old_top.backends):
+        backend.attach(overlay)
+    return overlay
+
+
+async def temporary_snapshot(layer: BlockLayer, bb: BlockBackend) -> None:
+    """``snapshot=on``: writes go to a temporary qcow2 overlay that is deleted on close."""
+    fd, path = tempfile.mkstemp(prefix="vl.", dir=os.environ.get("TMPDIR", "/var/tmp"))
+    os.close(fd)
+    try:
+        overlay = await external_snapshot(layer, bb, path, "qcow2")
+        # The temporary overlay never needs to reach the disk (QEMU opens it cache=unsafe).
+        overlay.flags.no_flush = True
+    finally:
+        os.unlink(path)

@@ -1,0 +1,269 @@
+"""The request layer every node shares (QEMU's ``block/io.c``).
+
+Everything a request goes through between a parent and a driver lives here, once for all
+drivers: bounds checks, padding to the driver's ``request_alignment`` with read-modify-write
+for unaligned writes, serialisation of overlapping requests while such a read-modify-write is
+in flight, FUA emulation by a flush, the flush walk with ``cache.no-flush``, zero-write
+fallback, and per-node statistics.
+
+Drivers see only aligned, in-bounds requests. Nothing here knows graph structure beyond
+:meth:`IONode.io_children`, which the graph layer supplies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from blockgraph.drivers.base import (
+    BlockDriver,
+    BlockStatus,
+    BlockStatusFlags,
+    NodeFlags,
+    RequestFlags,
+)
+from blockgraph.errors import IOFailure
+
+# Bounce buffers for zero writes that the driver cannot do natively are written in pieces of
+# this size, so a huge write_zeroes does not allocate a huge buffer.
+_ZERO_CHUNK = 1 << 20
+
+
+@dataclass
+class NodeStats:
+    """Counters of the requests that reached one node (and of flushes it passed to the disk)."""
+
+    rd_operations: int = 0
+    wr_operations: int = 0
+    rd_bytes: int = 0
+    wr_bytes: int = 0
+    flush_operations: int = 0
+    # Disk flushes this node's driver performed (``flush_to_disk``), the thing ``cache.no-flush``
+    # suppresses; tests count these to prove writethrough really flushes.
+    disk_flushes: int = 0
+    discard_operations: int = 0
+    zero_operations: int = 0
+
+
+@dataclass
+class _Tracked:
+    start: int
+    end: int
+    serialising: bool
+    done: asyncio.Event
+
+
+def _overlaps(a_start: int, a_end: int, b_start: int, b_end: int) -> bool:
+    return a_start < b_end and b_start < a_end
+
+
+class IONode:
+    """The request-layer half of a node; the graph's ``Node`` derives from it.
+
+    :param driver: the opened driver instance.
+    :param flags: the node's open flags (shared with the driver, updated by reopen).
+    """
+
+    def __init__(self, driver: BlockDriver, flags: NodeFlags) -> None:
+        self.driver = driver
+        self.flags = flags
+        self.stats = NodeStats()
+        self._in_flight: list[_Tracked] = []
+
+    # -- graph hooks -----------------------------------------------------------------------
+
+    def io_children(self) -> Iterable[IONode]:
+        """Children a flush walks into after this node's own flush."""
+        return ()
+
+    # -- serialisation ----------------------------------------------------------------------
+
+    async def _begin(self, start: int, end: int, serialising: bool) -> _Tracked:
+        # A read-modify-write must not interleave with another request on the same aligned
+        # blocks, or one of them would write back stale data.
+        while True:
+            blocker = next(
+                (
+                    t
+                    for t in self._in_flight
+                    if (t.serialising or serialising) and _overlaps(t.start, t.end, start, end)
+                ),
+                None,
+            )
+            if blocker is None:
+                break
+            await blocker.done.wait()
+        tracked = _Tracked(start, end, serialising, asyncio.Event())
+        self._in_flight.append(tracked)
+        return tracked
+
+    def _end(self, tracked: _Tracked) -> None:
+        self._in_flight.remove(tracked)
+        tracked.done.set()
+
+    # -- checks -----------------------------------------------------------------------------
+
+    def getlength(self) -> int:
+        return self.driver.getlength()
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0:
+            raise IOFailure(errno.EINVAL)
+        if not self.driver.growable and offset + length > self.getlength():
+            raise IOFailure(errno.EIO)
+
+    def _check_writable(self) -> None:
+        if self.flags.read_only:
+            raise IOFailure(errno.EPERM)
+
+    # -- reads ------------------------------------------------------------------------------
+
+    async def preadv(self, offset: int, buf: memoryview, flags: RequestFlags = RequestFlags.NONE) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` into ``buf``."""
+        length = len(buf)
+        self._check_range(offset, length)
+        self.stats.rd_operations += 1
+        self.stats.rd_bytes += length
+        if length == 0:
+            return
+        align = self.driver.request_alignment
+        head = offset % align
+        end = offset + length
+        tail = -end % align
+        if head == 0 and tail == 0:
+            await self.driver.preadv(offset, buf, flags)
+            return
+        start = offset - head
+        bounce = bytearray(head + length + tail)
+        tracked = await self._begin(start, end + tail, serialising=False)
+        try:
+            await self.driver.preadv(start, memoryview(bounce), flags)
+        finally:
+            self._end(tracked)
+        buf[:] = memoryview(bounce)[head : head + length]
+
+    # -- writes -----------------------------------------------------------------------------
+
+    async def pwritev(self, offset: int, buf: memoryview, flags: RequestFlags = RequestFlags.NONE) -> None:
+        """Write ``buf`` at ``offset``; with FUA the data is stable when this returns."""
+        self._check_writable()
+        length = len(buf)
+        self._check_range(offset, length)
+        self.stats.wr_operations += 1
+        self.stats.wr_bytes += length
+        align = self.driver.request_alignment
+        head = offset % align
+        end = offset + length
+        tail = -end % align
+        native = flags & self.driver.supported_write_flags
+        if length:
+            if head == 0 and tail == 0:
+                tracked = await self._begin(offset, end, serialising=False)
+                try:
+                    await self.driver.pwritev(offset, buf, native)
+                finally:
+                    self._end(tracked)
+            else:
+                await self._pwritev_unaligned(offset, buf, head, tail, native)
+        await self._emulate_fua(flags)
+
+    async def _pwritev_unaligned(
+        self, offset: int, buf: memoryview, head: int, tail: int, flags: RequestFlags
+    ) -> None:
+        start = offset - head
+        end = offset + len(buf) + tail
+        tracked = await self._begin(start, end, serialising=True)
+        try:
+            align = self.driver.request_alignment
+            bounce = bytearray(end - start)
+            view = memoryview(bounce)
+            if head:
+                await self.driver.preadv(start, view[:align], RequestFlags.NONE)
+            if tail and (not head or end - start > align):
+                await self.driver.preadv(end - align, view[-align:], RequestFlags.NONE)
+            view[head : head + len(buf)] = buf
+            await self.driver.pwritev(start, view, flags)
+        finally:
+            self._end(tracked)
+
+    async def _emulate_fua(self, flags: RequestFlags) -> None:
+        # A driver without native FUA gets the same guarantee from a flush after the write.
+        if flags & RequestFlags.FUA and not self.driver.supported_write_flags & RequestFlags.FUA:
+            await self.flush()
+
+    async def pwrite_zeroes(self, offset: int, length: int, flags: RequestFlags = RequestFlags.NONE) -> None:
+        """Make ``length`` bytes at ``offset`` read as zeroes (unmapping them if MAY_UNMAP)."""
+        self._check_writable()
+        self._check_range(offset, length)
+        self.stats.zero_operations += 1
+        if not length:
+            return
+        if not self.flags.discard_unmap:
+            flags &= ~RequestFlags.MAY_UNMAP
+        align = self.driver.request_alignment
+        if offset % align == 0 and length % align == 0:
+            tracked = await self._begin(offset, offset + length, serialising=False)
+            try:
+                await self.driver.pwrite_zeroes(offset, length, flags & ~RequestFlags.FUA)
+                await self._emulate_fua(flags)
+                return
+            except IOFailure as exc:
+                if exc.errno != errno.ENOTSUP or flags & RequestFlags.NO_FALLBACK:
+                    raise
+            finally:
+                self._end(tracked)
+        elif flags & RequestFlags.NO_FALLBACK:
+            raise IOFailure(errno.ENOTSUP)
+        zeroes = memoryview(bytes(min(length, _ZERO_CHUNK)))
+        pos = offset
+        while pos < offset + length:
+            n = min(len(zeroes), offset + length - pos)
+            await self.pwritev(pos, zeroes[:n], flags & ~RequestFlags.FUA)
+            pos += n
+        await self._emulate_fua(flags)
+
+    async def pdiscard(self, offset: int, length: int) -> None:
+        """Discard is advisory: with ``discard=ignore`` (the default) nothing reaches the driver."""
+        self._check_writable()
+        self._check_range(offset, length)
+        self.stats.discard_operations += 1
+        if not self.flags.discard_unmap or not length:
+            return
+        align = self.driver.request_alignment
+        start = -(-offset // align) * align
+        end = (offset + length) // align * align
+        if end > start:
+            await self.driver.pdiscard(start, end - start)
+
+    async def truncate(self, length: int) -> None:
+        self._check_writable()
+        await self.driver.truncate(length)
+
+    # -- flush ------------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Flush this node, then its children.
+
+        ``cache.no-flush`` is not an early return: the driver still pushes its caches to the
+        OS (qcow2 writes its metadata), only this node's disk flush is skipped, and the walk
+        goes on to the children, which decide for themselves.
+        """
+        if self.flags.read_only:
+            return
+        self.stats.flush_operations += 1
+        await self.driver.flush_to_os()
+        if not self.flags.no_flush:
+            self.stats.disk_flushes += 1
+            await self.driver.flush_to_disk()
+        for child in self.io_children():
+            await child.flush()
+
+    # -- status -----------------------------------------------------------------------------
+
+    async def block_status(self, offset: int, length: int) -> BlockStatus:
+        size = self.getlength()
+        if offset >= size:
+            return BlockStatus(BlockStatusFlags.EOF, 0)
+        return await self.driver.block_status(offset, min(length, size - offset))

@@ -1,0 +1,210 @@
+"""The human monitor (HMP): the block commands of QEMU's monitor, with its exact text.
+
+:meth:`HMP.execute` takes one command line and returns what the monitor prints, with ``\\n``
+line ends (the transport turns them into the ``\\r\\n`` QEMU's monitor sends). Errors print as
+``Error: <message>`` as in QEMU 7.2.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable
+
+from blockgraph.errors import BlockError
+from blockgraph.graph.layer import BlockLayer
+from blockgraph.graph.node import BlockBackend, Node
+from blockgraph.graph.snapshot import external_snapshot
+from blockgraph.monitor.qemuio import QemuIO
+
+_HELP = {
+    "help": "help|? [cmd] -- show the help",
+    "info": "info [subcommand] -- show various information about the system state",
+    "qemu-io": 'qemu-io [-d] [device] "[command]" -- run a qemu-io command on a block device',
+    "quit": "quit|q  -- quit the emulator",
+    "snapshot_blkdev": "snapshot_blkdev [-n] device [new-image-file] [format] -- initiates a live "
+                       "snapshot\n\t\t\tof device. If a new image file is specified, the\n\t\t\t"
+                       "new image file will become the new root image.\n\t\t\tIf format is "
+                       "specified, the snapshot file will\n\t\t\tbe created in that format.\n\t\t\t"
+                       "The default format is qcow2.  The -n flag requests QEMU\n\t\t\tto reuse "
+                       "the image found in new-image-file, instead of\n\t\t\trecreating it from "
+                       "scratch.",
+}
+
+
+def _cache_mode(write_cache: bool, node: Node) -> str:
+    text = "writeback" if write_cache else "writethrough"
+    if node.flags.direct:
+        text += ", direct"
+    if node.flags.no_flush:
+        text += ", ignore flushes"
+    return text
+
+
+def _backing_filename(node: Node) -> str | None:
+    info = node.driver.info()
+    if info.backing_file:
+        return info.backing_file
+    return node.backing.filename if node.backing is not None else None
+
+
+def format_block_info(bb: BlockBackend | None, node: Node | None) -> str:
+    """One entry of ``info block``: a BlockBackend (with its root) or a named node."""
+    lines: list[str] = []
+    if bb is not None:
+        if node is None:
+            lines.append(f"{bb.name}: [not inserted]")
+        else:
+            lines.append(f"{bb.name} ({node.node_name}): {_header(node)}")
+        if bb.removable:
+            lock = "" if bb.locked else "not "
+            lines.append(f"    Removable device: {lock}locked, tray {'open' if bb.tray_open else 'closed'}")
+    elif node is not None:
+        lines.append(f"{node.node_name}: {_header(node)}")
+    if node is not None:
+        lines.append(f"    Cache mode:       {_cache_mode(bb.write_cache if bb else True, node)}")
+        backing = _backing_filename(node)
+        if backing:
+            lines.append(f"    Backing file:     {backing} (chain depth: {node.backing_chain_depth()})")
+        detect = str(node.options.get("detect-zeroes", "off"))
+        if detect != "off":
+            lines.append(f"    Detect zeroes:    {detect}")
+    return "".join(line + "\n" for line in lines)
+
+
+def _header(node: Node) -> str:
+    extras = ", read-only" if node.flags.read_only else ""
+    if node.driver.info().encrypted:
+        extras += ", encrypted"
+    return f"{node.filename} ({node.driver_name}{extras})"
+
+
+class HMP:
+    """One human monitor session on ``layer``.
+
+    :param on_quit: called by ``quit``.
+    """
+
+    def __init__(self, layer: BlockLayer, on_quit: Callable[[], None] | None = None) -> None:
+        self.layer = layer
+        self.on_quit = on_quit or (lambda: None)
+
+    async def execute(self, line: str) -> str:
+        """Run one command line; return the text the monitor prints."""
+        line = line.strip()
+        if not line:
+            return ""
+        name, _, rest = line.partition(" ")
+        rest = rest.strip()
+        handler = {
+            "info": self._info,
+            "qemu-io": self._qemu_io,
+            "snapshot_blkdev": self._snapshot_blkdev,
+            "quit": self._quit,
+            "q": self._quit,
+            "help": self._help,
+            "?": self._help,
+        }.get(name)
+        if handler is None:
+            return f"unknown command: '{name}'\n"
+        try:
+            return await handler(rest)
+        except BlockError as exc:
+            return f"Error: {exc}\n"
+
+    async def _quit(self, rest: str) -> str:
+        self.on_quit()
+        return ""
+
+    async def _help(self, rest: str) -> str:
+        if rest:
+            text = _HELP.get(rest)
+            return f"{text}\n" if text else f"unknown command: '{rest}'\n"
+        return "".join(_HELP[k] + "\n" for k in sorted(_HELP))
+
+    async def _info(self, rest: str) -> str:
+        words = rest.split()
+        if not words:
+            return "info block  -- show info of one block device or all block devices (-n: show named nodes; -v: show details)\n"
+        if words[0] != "block":
+            return f"unknown command: 'info {words[0]}'\n"
+        nodes = verbose = False
+        device: str | None = None
+        for word in words[1:]:
+            if word == "-n":
+                nodes = True
+            elif word == "-v":
+                verbose = True
+            elif device is None:
+                device = word
+        del verbose  # the -v image dump is not produced yet
+        out: list[str] = []
+        if not nodes:
+            for index, bb in enumerate(self.layer.backends):
+                if device is not None and bb.name != device:
+                    continue
+                if index:
+                    out.append("\n")
+                out.append(format_block_info(bb, bb.root))
+        if nodes or device is not None:
+            # QEMU lists named nodes newest first.
+            named = list(reversed(self.layer.nodes))
+            for index, node in enumerate(named):
+                if device is not None and node.node_name != device:
+                    continue
+                if index:
+                    out.append("\n")
+                out.append(format_block_info(None, node))
+        return "".join(out)
+
+    async def _qemu_io(self, rest: str) -> str:
+        try:
+            args = shlex.split(rest)
+        except ValueError as exc:
+            raise BlockError(str(exc)) from exc
+        by_node = False
+        if args and args[0] == "-d":
+            by_node = True
+            args = args[1:]
+        if len(args) != 2:
+            raise BlockError("Parameter 'command' is missing" if len(args) < 2 else "Invalid parameter")
+        device, command = args
+        bb = None if by_node else self.layer.find_backend(device)
+        temporary = False
+        if bb is None:
+            node = self.layer.find_node(device)
+            if node is None:
+                if by_node:
+                    raise BlockError(f"Device '{device}' not found")
+                raise BlockError(f"Cannot find device='' nor node-name='{device}'")
+            # Like QEMU, a node without a BlockBackend gets a temporary one for the command.
+            bb = BlockBackend(self.layer, "")
+            bb.attach(node)
+            temporary = True
+        out: list[str] = []
+        try:
+            io = QemuIO(bb, lambda s: out.append(s + "\n"), lambda s: out.append(s + "\n"))
+            await io.run(command)
+        finally:
+            if temporary:
+                bb.attach(None)
+        return "".join(out)
+
+    async def _snapshot_blkdev(self, rest: str) -> str:
+        args = rest.split()
+        existing = False
+        if args and args[0] == "-n":
+            existing = True
+            args = args[1:]
+        if not args:
+            return ('snapshot_blkdev: block device name expected\n'
+                    'Try "help snapshot_blkdev" for more information\n')
+        device = args[0]
+        if len(args) < 2:
+            raise BlockError("Parameter 'snapshot-file' is missing")
+        filename = args[1]
+        fmt = args[2] if len(args) > 2 else "qcow2"
+        bb = self.layer.find_backend(device)
+        if bb is None:
+            raise BlockError(f"Cannot find device='{device}' nor node-name=''")
+        await external_snapshot(self.layer, bb, filename, fmt, existing=existing)
+        return ""

@@ -1,0 +1,1 @@
+"""Test-only helpers that let drivers run without the graph."""
