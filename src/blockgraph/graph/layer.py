@@ -17,7 +17,7 @@ import logging
 import random
 import re
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from blockgraph.drivers.base import BlockDriver, ChildAccess, ChildRole, NodeFlags
@@ -114,7 +114,9 @@ class _Opener:
                 self.node, self.options, name, role, filename, driver, allow_none, self.protocol
             )
         except BlockError as exc:
-            raise exc.prepend(BACKING_PREFIX) if role & ChildRole.COW else exc
+            if role & ChildRole.COW:
+                raise exc.prepend(BACKING_PREFIX) from exc
+            raise
         if child is None:
             return None
         node, is_new = child
@@ -192,7 +194,7 @@ class BlockLayer:
 
     def check_node_name(self, name: str) -> None:
         if not _NODE_NAME_RE.match(name):
-            raise BlockError("Invalid node-name: '%s'" % name)
+            raise BlockError(f"Invalid node-name: '{name}'")
 
     # -- BlockBackends ------------------------------------------------------------------------
 

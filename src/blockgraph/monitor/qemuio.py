@@ -117,7 +117,7 @@ class QemuIO:
         handler: Callable[[list[str]], object] = getattr(self, f"_cmd_{cmd.name}")
         result = handler(argv)
         if hasattr(result, "__await__"):
-            result = await result  # type: ignore[misc]
+            result = await result
         return result is not False
 
     def _args(self, argv: list[str], optstring: str) -> tuple[list[tuple[str, str]], list[str]] | None:

@@ -198,7 +198,7 @@ def cmd_info(prog: str, args: list[str]) -> int:
         elif flag == "--backing-chain":
             chain = True
     if output not in ("human", "json"):
-        raise _Fail(f"--output must be used with human or json as argument.")
+        raise _Fail("--output must be used with human or json as argument.")
     if not rest:
         raise _Fail("Expecting one image file name")
     filename = rest[0]
