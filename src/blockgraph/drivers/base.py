@@ -232,6 +232,10 @@ class BlockDriver:
         """The plain filename this node can be described by, or None if only json: works."""
         return None
 
+    def open_options(self) -> dict[str, object]:
+        """Options beyond ``driver`` and the children that a json: description must carry."""
+        return {}
+
     def set_backing(self, child: ChildAccess | None) -> None:
         """The graph gave this node a new backing child (snapshot, commit, stream)."""
         raise BlockError(f"Driver '{self.format_name}' does not support backing files")

@@ -127,6 +127,9 @@ class FileDriver(BlockDriver):
     def filename(self) -> str | None:
         return self.path
 
+    def open_options(self) -> dict[str, object]:
+        return {"filename": self.path}
+
     def getlength(self) -> int:
         return os.fstat(self.fd).st_size
 

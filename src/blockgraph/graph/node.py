@@ -9,7 +9,9 @@ children. A :class:`BlockBackend` is a root attachment: the only place writethro
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -129,6 +131,9 @@ class Node(IONode):
     def io_children(self) -> Iterator[Node]:
         return (c.node for c in self.children)
 
+    def primary_io_child(self) -> Node | None:
+        return next((c.node for c in self.children if c.role & ChildRole.PRIMARY), None)
+
     def child(self, name: str) -> Child | None:
         return next((c for c in self.children if c.name == name), None)
 
@@ -144,15 +149,42 @@ class Node(IONode):
 
     @property
     def filename(self) -> str:
-        """The node's filename as ``info block`` shows it (QEMU's refreshed filename)."""
-        own = self.driver.filename()
-        if own is not None:
-            return own
-        # Format drivers and filters describe themselves by their primary child.
+        """The node's filename as ``info block`` shows it (QEMU's refreshed filename).
+
+        A plain name when the node is fully described by it; otherwise ``json:`` and the
+        options that describe it, keys sorted, as QEMU prints them.
+        """
+        if not self.backing_overridden():
+            own = self.driver.filename()
+            if own is not None:
+                return own
+        return "json:" + json.dumps(self.full_open_options(), sort_keys=True)
+
+    def backing_overridden(self) -> bool:
+        """Whether the backing node differs from what the image's header names."""
+        if not self.driver.supports_backing:
+            return False
+        header = self.driver.info().backing_file
+        backing = self.backing
+        if backing is None:
+            return bool(header)
+        if not header:
+            return True
+        base = self.file.filename if self.file is not None else ""
+        if not (os.path.isabs(header) or ":" in header.split("/")[0]):
+            header = os.path.join(os.path.dirname(base), header)
+        return header != backing.filename
+
+    def full_open_options(self) -> dict[str, object]:
+        """The options that would open this node again (QEMU's ``full_open_options``)."""
+        options: dict[str, object] = {"driver": self.driver_name}
+        options.update(self.driver.open_options())
+        overridden = self.backing_overridden()
         for c in self.children:
-            if c.role & ChildRole.PRIMARY:
-                return c.node.filename
-        return self.open_filename or ""
+            if c.role & ChildRole.COW and not overridden:
+                continue
+            options[c.name] = c.node.full_open_options()
+        return options
 
     def backing_chain_depth(self) -> int:
         depth = 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from blockgraph.drivers.base import (
@@ -71,12 +71,24 @@ class IONode:
         self.flags = flags
         self.stats = NodeStats()
         self._in_flight: list[_Tracked] = []
+        # blkdebug listens to the request layer's events (QEMU's bdrv_debug_event); looked up
+        # once so that other drivers pay nothing per request.
+        self._debug_event: Callable[[str], Awaitable[None]] | None = getattr(driver, "debug_event", None)
 
     # -- graph hooks -----------------------------------------------------------------------
 
     def io_children(self) -> Iterable[IONode]:
         """Children a flush walks into after this node's own flush."""
         return ()
+
+    def primary_io_child(self) -> IONode | None:
+        """The child that holds this node's data or metadata (``file``, ``image``)."""
+        return None
+
+    async def _child_debug_event(self, name: str) -> None:
+        child = self.primary_io_child()
+        if child is not None and child._debug_event is not None:
+            await child._debug_event(name)
 
     # -- serialisation ----------------------------------------------------------------------
 
@@ -158,6 +170,8 @@ class IONode:
         end = offset + length
         tail = -end % align
         native = flags & self.driver.supported_write_flags
+        if self._debug_event is not None:
+            await self._debug_event("pwritev")
         if length:
             if head == 0 and tail == 0:
                 tracked = await self._begin(offset, end, serialising=False)
@@ -167,6 +181,8 @@ class IONode:
                     self._end(tracked)
             else:
                 await self._pwritev_unaligned(offset, buf, head, tail, native)
+        if self._debug_event is not None:
+            await self._debug_event("pwritev_done")
         await self._emulate_fua(flags)
 
     async def _pwritev_unaligned(
@@ -202,6 +218,8 @@ class IONode:
             return
         if not self.flags.discard_unmap:
             flags &= ~RequestFlags.MAY_UNMAP
+        if self._debug_event is not None:
+            await self._debug_event("pwritev_zero")
         align = self.driver.request_alignment
         if offset % align == 0 and length % align == 0:
             tracked = await self._begin(offset, offset + length, serialising=False)
@@ -253,9 +271,11 @@ class IONode:
         if self.flags.read_only:
             return
         self.stats.flush_operations += 1
+        await self._child_debug_event("flush_to_os")
         await self.driver.flush_to_os()
         if not self.flags.no_flush:
             self.stats.disk_flushes += 1
+            await self._child_debug_event("flush_to_disk")
             await self.driver.flush_to_disk()
         for child in self.io_children():
             await child.flush()

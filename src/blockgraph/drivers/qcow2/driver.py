@@ -395,7 +395,10 @@ class Qcow2Driver(BlockDriver):
                           encrypted=h.crypt_method != QCOW_CRYPT_NONE, extra=extra)
 
     def filename(self) -> str | None:
-        return None
+        # A qcow2 node is named after its file, when that has a plain name; the graph decides
+        # separately whether a non-default backing node forces a json: description.
+        name = self.file.filename if self.file is not None else None
+        return None if not name or name.startswith("json:") else name
 
     def _on_free(self, offset: int, length: int) -> None:
         for ci in range(offset, offset + length, self.cluster_size):
