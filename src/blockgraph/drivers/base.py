@@ -77,6 +77,9 @@ class NodeFlags:
     no_flush: bool = False  # cache.no-flush: skip this node's disk flush
     discard_unmap: bool = False  # discard=unmap rather than ignore
     no_backing: bool = False
+    # -drive's aio= mode, which every node of the drive inherits as its default (QEMU's
+    # BDRV_O_NATIVE_AIO / BDRV_O_IO_URING open flags); None = threads.
+    aio: str | None = None
 
 
 class ChildAccess(Protocol):

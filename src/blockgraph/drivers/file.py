@@ -71,7 +71,7 @@ class FileDriver(BlockDriver):
     protocol_prefixes = ("file",)
     runtime_options: ClassVar[dict[str, OptionSpec]] = {
         "filename": opt(OptType.STRING),
-        "aio": opt(OptType.STRING, "threads", ("threads", "native", "io_uring")),
+        "aio": opt(OptType.STRING, None, ("threads", "native", "io_uring")),
         "aio-max-batch": opt(OptType.NUMBER, 0),
         "locking": opt(OptType.STRING, "auto", ("auto", "on", "off")),
         "pr-manager": opt(OptType.STRING),
@@ -111,7 +111,8 @@ class FileDriver(BlockDriver):
         path = options.get("filename")
         if not path:
             raise BlockError("The 'file' block driver requires a file name")
-        if options.get("aio") == "native" and not ctx.flags.direct:
+        aio = options.get("aio") or ctx.flags.aio or "threads"
+        if aio == "native" and not ctx.flags.direct:
             raise BlockError(
                 "aio=native was specified, but it requires cache.direct=on, which was not specified."
             )

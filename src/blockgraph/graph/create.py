@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 
 from blockgraph.drivers.base import ChildRole
-from blockgraph.drivers.qcow2.create import qcow2_create
+from blockgraph.drivers.qcow2.create import qcow2_create, qcow2_create_line, raw_create_line
 from blockgraph.errors import BlockError
 from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.node import Child
@@ -23,6 +23,18 @@ _QCOW2_CREATE_KEYWORDS = {
     "compression_type": "compression_type",
     "preallocation": "preallocation",
 }
+
+
+def create_line(filename: str, fmt: str, size: int, options: Mapping[str, object]) -> str:
+    """qemu-img's ``Formatting '...', fmt=...`` line for this creation.
+
+    :raise BlockError: ``Unknown file format`` for a format that cannot be created.
+    """
+    if fmt == "qcow2":
+        return qcow2_create_line(filename, {"size": size, **options})
+    if fmt == "raw":
+        return raw_create_line(filename, {"size": size, **options})
+    raise BlockError(f"Unknown file format '{fmt}'")
 
 
 def _create_file(filename: str, size: int) -> None:
@@ -47,7 +59,7 @@ async def create_image(
         _create_file(filename, size)
         return
     if fmt != "qcow2":
-        raise BlockError(f"Format driver '{fmt}' does not support image creation")
+        raise BlockError(f"Unknown file format '{fmt}'")
     kwargs: dict[str, object] = {}
     for key, value in options.items():
         if key == "size":

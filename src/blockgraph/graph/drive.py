@@ -8,10 +8,11 @@ as that BlockBackend's root so that the root, and only the root, may be writethr
 from __future__ import annotations
 
 from blockgraph.errors import BlockError
+from blockgraph.graph.inherit import AIO_FLAG
 from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.node import BlockBackend
 from blockgraph.options.cache import apply_legacy_cache
-from blockgraph.options.schema import parse_bool
+from blockgraph.options.schema import parse_bool, parse_number
 
 # Keys -drive handles itself; everything else goes to the root node.
 _IF_TYPES = ("none", "ide", "scsi", "floppy", "pflash", "mtd", "sd", "virtio", "xen")
@@ -20,6 +21,36 @@ _RERROR = ("report", "ignore", "stop")
 _DRIVE_ONLY = ("if", "index", "bus", "unit", "media", "serial", "addr", "boot", "trans",
                "cyls", "heads", "secs", "copy-on-read", "snapshot", "werror", "rerror",
                "readonly")
+
+
+# -drive's throttling.* keys and the names query-block reports them under.
+THROTTLE_KEYS = {
+    "bps-total": "bps", "bps-read": "bps_rd", "bps-write": "bps_wr",
+    "bps-total-max": "bps_max", "bps-read-max": "bps_rd_max", "bps-write-max": "bps_wr_max",
+    "iops-total": "iops", "iops-read": "iops_rd", "iops-write": "iops_wr",
+    "iops-total-max": "iops_max", "iops-read-max": "iops_rd_max", "iops-write-max": "iops_wr_max",
+    "iops-size": "iops_size",
+}
+
+
+def _parse_throttling(opts: dict[str, str]) -> dict[str, object]:
+    """Pop the ``throttling.*`` keys; the limits are recorded (reported by ``info block``).
+
+    :raise OptionError: QEMU's text for a limit that is not a number.
+    """
+    out: dict[str, object] = {}
+    for key in [k for k in opts if k.startswith("throttling.")]:
+        name = key[len("throttling."):]
+        value = opts.pop(key)
+        if name == "group":
+            out["group"] = value
+        elif name in THROTTLE_KEYS or name.endswith("-max-length"):
+            number = parse_number(key, value)
+            if name in THROTTLE_KEYS:
+                out[THROTTLE_KEYS[name]] = number
+        else:
+            opts[key] = value  # left for the root node, which reports it as unsupported
+    return out
 
 
 async def drive_new(layer: BlockLayer, opts: dict[str, str]) -> BlockBackend:
@@ -32,11 +63,21 @@ async def drive_new(layer: BlockLayer, opts: dict[str, str]) -> BlockBackend:
     if_type = opts.pop("if", "ide")
     if if_type not in _IF_TYPES:
         raise BlockError(f"unsupported bus type '{if_type}'")
-    index = sum(1 for bb in layer.backends if bb.name.startswith(if_type))
+    # QEMU numbers drives per interface, counting those with an id= too.
+    index = layer.drive_counts.get(if_type, 0)
+    layer.drive_counts[if_type] = index + 1
     # QEMU names a drive without id= after its interface and index ("none0", "ide0-hd0").
     default_name = f"ide{index // 2}-hd{index % 2}" if if_type == "ide" else f"{if_type}{index}"
     name = opts.pop("id", None) or default_name
     apply_legacy_cache(opts)
+    # -drive gives the root its cache options explicitly, defaults included, so they beat any
+    # inside a json: filename (options given directly win over json: ones).
+    opts.setdefault("cache.writeback", "on")
+    opts.setdefault("cache.direct", "off")
+    opts.setdefault("cache.no-flush", "off")
+    aio = opts.pop("aio", None)
+    if aio is not None and aio not in ("threads", "native", "io_uring"):
+        raise BlockError("invalid aio option")
     werror = opts.pop("werror", "enospc")
     if werror not in _WERROR:
         raise BlockError(f"'{werror}' invalid write error action")
@@ -49,6 +90,7 @@ async def drive_new(layer: BlockLayer, opts: dict[str, str]) -> BlockBackend:
     snapshot = parse_bool("snapshot", opts.pop("snapshot", "off"))
     for key in _DRIVE_ONLY:
         opts.pop(key, None)
+    throttle = _parse_throttling(opts)
     filename = opts.pop("file", None)
     fmt = opts.pop("format", None)
     if fmt is not None:
@@ -56,10 +98,16 @@ async def drive_new(layer: BlockLayer, opts: dict[str, str]) -> BlockBackend:
             raise BlockError("Cannot specify both 'driver' and 'format'")
         opts["driver"] = fmt
     options: dict[str, object] = dict(opts)
+    if aio is not None and aio != "threads":
+        options[AIO_FLAG] = aio
     if read_only:
         options["read-only"] = "on"
     bb = layer.new_backend(name)
     bb.werror, bb.rerror, bb.read_only = werror, rerror, read_only
+    if throttle:
+        group = str(throttle.pop("group", "") or name)
+        bb.throttle = {k: int(str(v)) for k, v in throttle.items()}
+        bb.throttle_group = group
     if filename is None and not any(k == "driver" or k.startswith("file.") for k in options):
         # An empty drive: a BlockBackend with no medium (removable media insert one later).
         return bb

@@ -10,8 +10,12 @@ from collections.abc import Mapping, MutableMapping
 
 from blockgraph.drivers.base import ChildRole
 
+# -drive's aio= travels down the whole tree as an open flag, not as an option any node could
+# be given; the key cannot be typed on a command line.
+AIO_FLAG = "\0aio"
+
 # Options a child copies from its parent when it has no value of its own.
-_COPIED = ("cache.direct", "cache.no-flush", "force-share")
+_COPIED = ("cache.direct", "cache.no-flush", "force-share", AIO_FLAG)
 
 
 def inherit_options(

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from blockgraph.drivers.base import BlockDriver, ChildAccess, ChildRole, NodeFlags
 from blockgraph.drivers.registry import find_protocol, get_driver, probe_format
 from blockgraph.errors import BlockError, DeviceNotFound, OptionError
-from blockgraph.graph.inherit import child_is_protocol, inherit_options
+from blockgraph.graph.inherit import AIO_FLAG, child_is_protocol, inherit_options
 from blockgraph.graph.node import BlockBackend, Child, Node
 from blockgraph.options.keyval import extract_subdict, parse_json_filename
 from blockgraph.options.schema import OptionSpec, OptType, convert_option, opt
@@ -111,7 +111,8 @@ class _Opener:
             return self.layer._link(self.node, name, role, pre)
         try:
             child = await self.layer._open_child_node(
-                self.node, self.options, name, role, filename, driver, allow_none, self.protocol
+                self.options, self.node.options, self.node.driver.is_format, name, role, filename, driver,
+                allow_none, self.protocol,
             )
         except BlockError as exc:
             if role & ChildRole.COW:
@@ -135,6 +136,7 @@ class BlockLayer:
         self.nodes: list[Node] = []  # in the order they were named
         self.backends: list[BlockBackend] = []
         self._auto_counter = 0
+        self.drive_counts: dict[str, int] = {}  # -drive's per-interface index
         self.warnings: list[str] = []
         self.warn: Callable[[str], None] = self.warnings.append
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -238,8 +240,9 @@ class BlockLayer:
 
     async def _open_child_node(
         self,
-        parent: Node,
         parent_options: dict[str, object],
+        inherit_from: Mapping[str, object],
+        parent_is_format: bool,
         name: str,
         role: ChildRole,
         filename: str | None,
@@ -247,7 +250,12 @@ class BlockLayer:
         allow_none: bool,
         parent_protocol: bool,
     ) -> tuple[Node, bool] | None:
-        """Open or look up child ``name`` of ``parent`` from ``parent_options`` (consumed)."""
+        """Open or look up child ``name`` from ``parent_options`` (its keys are consumed).
+
+        ``inherit_from`` holds the parent's options the child inherits defaults from.
+
+        :return: the node and whether it was opened here (False for a reference), or None.
+        """
         child_opts = extract_subdict(parent_options, name)
         ref = parent_options.pop(name, _MISSING)
         if ref is None:
@@ -255,7 +263,7 @@ class BlockLayer:
                 return None  # "backing": null — explicitly no backing file
             raise OptionError(f"Invalid parameter type for '{name}', expected: string")
         if isinstance(ref, str):
-            if child_opts:
+            if child_opts or (filename is not None and role & ChildRole.PRIMARY and name == "file"):
                 raise BlockError(
                     "Cannot reference an existing block device with additional options or a new filename"
                 )
@@ -271,8 +279,8 @@ class BlockLayer:
             raise BlockError(f'A block device must be specified for "{name}"')
         if driver is not None and "driver" not in child_opts:
             child_opts["driver"] = driver
-        protocol = child_is_protocol(role, parent.driver.is_format, parent_protocol)
-        node = await self._open(child_filename, child_opts, parent_options=parent.options, role=role,
+        protocol = child_is_protocol(role, parent_is_format, parent_protocol)
+        node = await self._open(child_filename, child_opts, parent_options=inherit_from, role=role,
                                 protocol=protocol, backend=None)
         return node, True
 
@@ -291,7 +299,7 @@ class BlockLayer:
         filename: str | None,
         options: dict[str, object],
         *,
-        parent_options: dict[str, object] | None,
+        parent_options: Mapping[str, object] | None,
         role: ChildRole | None,
         protocol: bool,
         backend: BlockBackend | None,
@@ -312,6 +320,7 @@ class BlockLayer:
             inherit_options(role, parent_options, options)
         drv_name = options.get("driver")
         preopened: dict[str, Node] = {}
+        fresh: list[Node] = []  # children opened here (not referenced): they inherit from us
         cls: type[BlockDriver] | None
         if drv_name is not None:
             if not isinstance(drv_name, str):
@@ -324,43 +333,42 @@ class BlockLayer:
         else:
             cls = None
         try:
-            if cls is None or (cls.is_format and filename is not None and "file" not in options):
-                # A format node: its filename belongs to the file child, opened first (and
-                # named first, as QEMU does) so the format can be probed from its contents.
-                if filename is None:
-                    raise BlockError("Must specify either driver or filename"
-                                     if cls is None else 'A block device must be specified for "file"')
-                file_node = await self._open_preopen_file(filename, options)
+            has_file = "file" in options or any(k.startswith("file.") for k in options)
+            if cls is None or (cls.is_format and (filename is not None or has_file)):
+                # A format node's file child is opened (and named) before the node itself, as
+                # QEMU does, and the format is probed from its contents if none was given.
+                if cls is None and filename is None and not has_file:
+                    raise BlockError("Must specify either driver or filename")
+                opened = await self._open_child_node(options, options, True, "file", ChildRole.IMAGE,
+                                                     filename, None, False, protocol)
+                assert opened is not None
+                file_node, is_new = opened
                 preopened["file"] = file_node
+                if is_new:
+                    fresh.append(file_node)
                 if cls is None:
                     header = bytearray(2048)
                     length = min(len(header), file_node.getlength())
                     await file_node.preadv(0, memoryview(header)[:length])
-                    cls = probe_format(bytes(header[:length]), filename)
+                    cls = probe_format(bytes(header[:length]), file_node.filename)
                     if cls.format_name == "raw":
                         self.warn(
-                            f"Image format was not specified for '{filename}' and probing guessed raw.\n"
+                            f"Image format was not specified for '{file_node.filename}' and probing guessed raw.\n"
                             "         Automatically detecting the format is dangerous for raw images, "
                             "write operations on block 0 will be restricted.\n"
                             "         Specify the 'raw' format explicitly to remove the restrictions."
                         )
                 filename = None
-            elif filename is not None and not cls.is_format:
-                cls.parse_filename(filename, options)
             elif filename is not None:
-                options.setdefault("file.filename", filename)
-            node = await self._open_with_driver(cls, options, explicit, preopened, backend,
+                cls.parse_filename(filename, options)
+            node = await self._open_with_driver(cls, options, explicit, preopened, fresh, backend,
                                                 protocol, open_filename)
         except BaseException:
-            for pre in preopened.values():
-                await self._close_tree(pre)
+            for pre in fresh:
+                if not pre.parents and not pre.backends:
+                    await self._close_tree(pre)
             raise
         return node
-
-    async def _open_preopen_file(self, filename: str, options: dict[str, object]) -> Node:
-        child_opts = extract_subdict(options, "file")
-        return await self._open(filename, child_opts, parent_options=options, role=ChildRole.IMAGE,
-                                protocol=True, backend=None)
 
     async def _open_with_driver(
         self,
@@ -368,6 +376,7 @@ class BlockLayer:
         options: dict[str, object],
         explicit: dict[str, object],
         preopened: dict[str, Node],
+        fresh: list[Node],
         backend: BlockBackend | None,
         protocol: bool,
         open_filename: str | None,
@@ -383,12 +392,16 @@ class BlockLayer:
         discard = str(generic["discard"])
         if discard not in _DISCARD_MODES:
             raise BlockError("Invalid discard option")
+        aio = options.pop(AIO_FLAG, None)
         flags = NodeFlags(
             read_only=bool(generic["read-only"]) or (backend is not None and backend.read_only),
             direct=bool(generic["cache.direct"]),
             no_flush=bool(generic["cache.no-flush"]),
             discard_unmap=_DISCARD_MODES[discard],
+            aio=str(aio) if aio is not None else None,
         )
+        if aio is not None:
+            generic[AIO_FLAG] = aio
         generic["read-only"] = flags.read_only
         runtime = self._consume(options, cls.runtime_options, cls)
         for key in [k for k in options if any(k == p or k.startswith(p + ".")
@@ -399,16 +412,19 @@ class BlockLayer:
         node = Node(self, str(node_name) if node_name else self._generate_name(), auto, driver, flags)
         node.options = generic
         node.open_filename = open_filename
-        node.explicit_options = {k: v for k, v in explicit.items()
-                                 if k in GENERIC_OPTIONS or k in cls.runtime_options}
+        node.explicit_options = {
+            k: convert_option(k, GENERIC_OPTIONS[k], v) if k in GENERIC_OPTIONS else v
+            for k, v in explicit.items()
+            if (k in GENERIC_OPTIONS and k not in ("driver", "node-name")) or k in cls.runtime_options
+        }
         node.explicit_options.pop("cache.writeback", None)
-        fresh = list(preopened.values())
         self._register(node)
         opener = _Opener(self, node, options, preopened, protocol)
         try:
             await driver.open(opener, runtime)
             for unused in opener.preopened.values():
-                await self._close_tree(unused)
+                if unused in fresh:
+                    await self._close_tree(unused)
             opener.preopened.clear()
             if options:
                 key = next(iter(options))
@@ -445,10 +461,11 @@ class BlockLayer:
     # -- close ------------------------------------------------------------------------------
 
     async def _close_tree(self, node: Node) -> None:
-        """Close ``node`` and every child only it holds."""
+        """Close ``node`` and every child only it holds (once: a closed node is unregistered)."""
+        if node not in self.nodes:
+            return
+        self.nodes.remove(node)
         await node.driver.close()
-        if node in self.nodes:
-            self.nodes.remove(node)
         for child in list(node.children):
             self._unlink(child)
             if not child.node.parents and not child.node.backends:

@@ -9,6 +9,7 @@ children. A :class:`BlockBackend` is a root attachment: the only place writethro
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from blockgraph.drivers.base import (
     NodeFlags,
     RequestFlags,
 )
+from blockgraph.errors import IOFailure
 from blockgraph.io.request import IONode
 
 if TYPE_CHECKING:
@@ -227,6 +229,10 @@ class BlockBackend:
     werror: str = "enospc"
     detect_zeroes: str = "off"
     stats: BlockBackendStats = field(default_factory=BlockBackendStats)
+    # I/O limits from -drive throttling.* (query-block names); recorded and reported, not yet
+    # enforced.
+    throttle: dict[str, int] = field(default_factory=dict)
+    throttle_group: str = ""
     # The open flags a new medium gets (``change``), remembered from the drive's options.
     root_flags: NodeFlags = field(default_factory=NodeFlags)
 
@@ -240,13 +246,18 @@ class BlockBackend:
 
     def _root(self) -> Node:
         if self.root is None:
-            from blockgraph.errors import IOFailure
-
-            raise IOFailure(123)  # ENOMEDIUM
+            raise IOFailure(errno.ENOMEDIUM)
         return self.root
 
-    async def preadv(self, offset: int, buf: memoryview) -> None:
+    def _check(self, offset: int, length: int) -> Node:
+        # Even over a growable protocol node, a user of the BlockBackend sees a fixed-size disk.
         root = self._root()
+        if offset < 0 or length < 0 or offset + length > root.getlength():
+            raise IOFailure(errno.EIO)
+        return root
+
+    async def preadv(self, offset: int, buf: memoryview) -> None:
+        root = self._check(offset, len(buf))
         try:
             await root.preadv(offset, buf)
         except Exception:
@@ -257,7 +268,7 @@ class BlockBackend:
 
     async def pwritev(self, offset: int, buf: memoryview, flags: RequestFlags = RequestFlags.NONE) -> None:
         """Write; a writethrough BlockBackend adds FUA so the data is stable on return."""
-        root = self._root()
+        root = self._check(offset, len(buf))
         if not self.write_cache:
             flags |= RequestFlags.FUA
         try:
@@ -271,12 +282,12 @@ class BlockBackend:
     async def pwrite_zeroes(self, offset: int, length: int, flags: RequestFlags = RequestFlags.NONE) -> None:
         if not self.write_cache:
             flags |= RequestFlags.FUA
-        await self._root().pwrite_zeroes(offset, length, flags)
+        await self._check(offset, length).pwrite_zeroes(offset, length, flags)
         self.stats.wr_operations += 1
         self.stats.wr_bytes += length
 
     async def pdiscard(self, offset: int, length: int) -> None:
-        await self._root().pdiscard(offset, length)
+        await self._check(offset, length).pdiscard(offset, length)
 
     async def flush(self) -> None:
         self.stats.flush_operations += 1

@@ -20,7 +20,7 @@ from typing import Any
 
 from blockgraph.drivers.base import ChildRole, NodeFlags
 from blockgraph.errors import BlockError
-from blockgraph.graph.inherit import inherit_options
+from blockgraph.graph.inherit import AIO_FLAG, inherit_options
 from blockgraph.graph.layer import _DISCARD_MODES, GENERIC_OPTIONS, WRITETHROUGH_ERROR
 from blockgraph.graph.node import Node
 from blockgraph.options.keyval import extract_subdict
@@ -57,8 +57,15 @@ def _queue(
     known = set(GENERIC_OPTIONS) | set(driver.runtime_options)
     child_given = {c.name: extract_subdict(given, c.name) for c in node.children}
     own = dict(given)
+    current = {"driver": node.driver_name, "node-name": node.node_name,
+               "filename": driver.open_options().get("filename")}
+    for child in node.children:
+        if child.node.inherits_from is not node and child_given[child.name]:
+            # A referenced node is not reopened through its parent.
+            key = next(iter(child_given[child.name]))
+            raise BlockError(f"Cannot change the option '{child.name}.{key}'")
     for key in list(own):
-        if key in _IMMUTABLE and own[key] != node.options.get(key, own[key]):
+        if key in _IMMUTABLE and own[key] != current[key]:
             raise BlockError(f"Cannot change the option '{key}'")
         if key not in known and not any(
             key == p or key.startswith(p + ".") for p in driver.runtime_option_prefixes
@@ -90,9 +97,11 @@ def _queue(
         no_flush=bool(new.get("cache.no-flush", False)),
         discard_unmap=_DISCARD_MODES[discard],
         no_backing=node.flags.no_backing,
+        aio=node.flags.aio,
     )
-    generic = {k: v for k, v in new.items() if k in GENERIC_OPTIONS}
-    runtime = {k: v for k, v in new.items() if k not in GENERIC_OPTIONS}
+    generic = {k: v for k, v in new.items()
+               if (k in GENERIC_OPTIONS or k == AIO_FLAG) and k not in _IMMUTABLE}
+    runtime = {k: v for k, v in new.items() if k not in GENERIC_OPTIONS and k != AIO_FLAG}
     entries.append(_Entry(node, generic, explicit, runtime, flags, write_cache))
     for child in node.children:
         if child.node.inherits_from is node:
@@ -109,6 +118,10 @@ async def reopen(node: Node, options: Mapping[str, object], *, read_only: bool |
         given.setdefault("read-only", read_only)
     entries: list[_Entry] = []
     _queue(node, given, None, None, entries)
+    for entry in entries:
+        if entry.flags.read_only and not entry.node.flags.read_only:
+            # Whatever a node still caches must reach its image before write access ends.
+            await entry.node.flush()
     try:
         for entry in entries:
             entry.node.driver.reopen_prepare(entry.runtime, entry.flags)

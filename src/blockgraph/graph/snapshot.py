@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 
 from blockgraph.drivers.base import ChildRole
 from blockgraph.errors import BlockError
-from blockgraph.graph.create import create_image
+from blockgraph.graph.create import create_image, create_line
 from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.node import BlockBackend, Node
 from blockgraph.graph.reopen import reopen
@@ -27,20 +28,24 @@ async def external_snapshot(
     *,
     existing: bool = False,
     overlay_node_name: str | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> Node:
     """Put a new overlay ``overlay_filename`` on top of ``bb``'s root.
 
     :param existing: the overlay file exists already (``-n`` / ``mode=existing``); otherwise it
         is created with the old top as its backing file.
+    :param report: receives the ``Formatting ...`` line of a created overlay.
     :raise BlockError: QEMU's message; then the graph is unchanged.
     """
     old_top = bb.root
     if old_top is None:
         raise BlockError(f"Device '{bb.name}' has no medium")
     if not existing:
-        options: dict[str, object] = {"size": old_top.getlength()}
-        options["backing_file"] = old_top.filename
-        options["backing_fmt"] = old_top.driver_name
+        options: dict[str, object] = {"backing_file": old_top.filename,
+                                      "backing_fmt": old_top.driver_name}
+        line = create_line(overlay_filename, fmt, old_top.getlength(), options)
+        if report is not None:
+            report(line)
         await create_image(layer, overlay_filename, fmt, old_top.getlength(), options)
     overlay_options: dict[str, object] = {
         "driver": fmt,

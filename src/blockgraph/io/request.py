@@ -224,7 +224,8 @@ class IONode:
         if offset % align == 0 and length % align == 0:
             tracked = await self._begin(offset, offset + length, serialising=False)
             try:
-                await self.driver.pwrite_zeroes(offset, length, flags & ~RequestFlags.FUA)
+                native = flags & ~RequestFlags.FUA | flags & self.driver.supported_write_flags
+                await self.driver.pwrite_zeroes(offset, length, native)
                 await self._emulate_fua(flags)
                 return
             except IOFailure as exc:

@@ -31,6 +31,10 @@ _HELP = {
 }
 
 
+_THROTTLE_ORDER = ("bps", "bps_rd", "bps_wr", "bps_max", "bps_rd_max", "bps_wr_max", "iops",
+                   "iops_rd", "iops_wr", "iops_max", "iops_rd_max", "iops_wr_max", "iops_size")
+
+
 def _cache_mode(write_cache: bool, node: Node) -> str:
     text = "writeback" if write_cache else "writethrough"
     if node.flags.direct:
@@ -68,6 +72,10 @@ def format_block_info(bb: BlockBackend | None, node: Node | None) -> str:
         detect = str(node.options.get("detect-zeroes", "off"))
         if detect != "off":
             lines.append(f"    Detect zeroes:    {detect}")
+        limits = bb.throttle if bb is not None else {}
+        if any(limits.get(k) for k in ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")):
+            values = " ".join(f"{k}={limits.get(k, 0)}" for k in _THROTTLE_ORDER)
+            lines.append(f"    I/O throttling:   {values} group={bb.throttle_group if bb else ''}")
     return "".join(line + "\n" for line in lines)
 
 
@@ -165,8 +173,12 @@ class HMP:
         if args and args[0] == "-d":
             by_node = True
             args = args[1:]
-        if len(args) != 2:
-            raise BlockError("Parameter 'command' is missing" if len(args) < 2 else "Invalid parameter")
+        if len(args) > 2:
+            return ('qemu-io: extraneous characters at the end of line\n'
+                    'Try "help qemu-io" for more information\n')
+        if len(args) < 2:
+            what = "string" if args else "block device name"
+            return f'qemu-io: {what} expected\nTry "help qemu-io" for more information\n'
         device, command = args
         bb = None if by_node else self.layer.find_backend(device)
         temporary = False
@@ -206,5 +218,7 @@ class HMP:
         bb = self.layer.find_backend(device)
         if bb is None:
             raise BlockError(f"Cannot find device='{device}' nor node-name=''")
-        await external_snapshot(self.layer, bb, filename, fmt, existing=existing)
-        return ""
+        lines: list[str] = []
+        await external_snapshot(self.layer, bb, filename, fmt, existing=existing,
+                                report=lambda line: lines.append(line + "\n"))
+        return "".join(lines)

@@ -125,7 +125,8 @@ class QemuIO:
         try:
             opts, args = getopt.getopt(argv[1:], optstring)
         except getopt.GetoptError as exc:
-            self.out(f"{argv[0]}: invalid option -- '{exc.opt}'")
+            problem = "option requires an argument" if "requires argument" in exc.msg else "invalid option"
+            self.out(f"{argv[0]}: {problem} -- '{exc.opt}'")
             self._usage(cmd)
             return None
         if len(args) < cmd.argmin or (cmd.argmax >= 0 and len(args) > cmd.argmax):
@@ -319,6 +320,7 @@ class QemuIO:
             return False
         read_only: bool | None = None
         options: dict[str, object] = {}
+        explicit: dict[str, object] = {}
         write_cache: bool | None = None
         for flag, value in opts:
             if flag == "-r":
@@ -342,13 +344,17 @@ class QemuIO:
                 options.setdefault("cache.no-flush", mode.no_flush)
             elif flag == "-o":
                 try:
-                    options.update(parse_drive_opts(value))
+                    explicit.update(parse_drive_opts(value))
                 except BlockError as exc:
                     self.err(str(exc))
                     return False
+        if write_cache is not None and ("cache.direct" in explicit or "cache.no-flush" in explicit):
+            self.err("Cannot set both -c and the cache options")
+            return False
         if write_cache is not None and write_cache != self.bb.write_cache and self.device_attached:
             self.err("Cannot change cache.writeback: Device attached")
             return False
+        options.update(explicit)
         if read_only is not None:
             options["read-only"] = read_only
         try:

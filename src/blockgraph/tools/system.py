@@ -81,6 +81,8 @@ def main(prog: str, args: list[str]) -> int:
             options = parse_blockdev(value)
             if any(k == "cache.writeback" for k in options):
                 raise BlockError("Parameter 'cache.writeback' is unexpected")
+            if "cache" in options:
+                raise BlockError("Invalid parameter type for 'cache', expected: object")
             if "driver" not in options:
                 raise BlockError("Parameter 'driver' is missing")
             if "node-name" not in options:

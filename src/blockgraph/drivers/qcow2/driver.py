@@ -36,6 +36,7 @@ from blockgraph.drivers.base import (
     ChildAccess,
     ChildRole,
     DriverInfo,
+    NodeFlags,
     OpenContext,
     RequestFlags,
 )
@@ -163,6 +164,7 @@ class Qcow2Driver(BlockDriver):
         self.header = QcowHeader()
         self.options: dict[str, Any] = {}
         self.read_only = False
+        self._pending_read_only = False
         self._lock = asyncio.Lock()
         self.l1_table: list[int] = []
         self.lazy_refcounts = False
@@ -375,6 +377,16 @@ class Qcow2Driver(BlockDriver):
 
     def getlength(self) -> int:
         return self.header.size
+
+    def reopen_prepare(self, options: dict[str, Any], flags: NodeFlags) -> None:
+        self._pending_read_only = flags.read_only
+
+    def reopen_commit(self) -> None:
+        # The graph flushed this node before taking write access away, so nothing is cached.
+        self.read_only = self._pending_read_only
+
+    def reopen_abort(self) -> None:
+        self._pending_read_only = self.read_only
 
     def set_backing(self, child: ChildAccess | None) -> None:
         self.backing = child
@@ -724,11 +736,16 @@ class Qcow2Driver(BlockDriver):
                     return
                 raise IOFailure(ENOTSUP)
             self._discard_type = "request"
-            pos = start
-            while pos < tail_end:
-                l1_index, l2_index, nb = self._split(pos, tail_end - pos)
-                await self._zero_slice(l1_index, l2_index, nb, flags)
-                pos += nb * cs
+            try:
+                pos = start
+                while pos < tail_end:
+                    l1_index, l2_index, nb = self._split(pos, tail_end - pos)
+                    await self._zero_slice(l1_index, l2_index, nb, flags)
+                    pos += nb * cs
+                if self._pending_discards:
+                    await self._write_caches()  # see pdiscard: before the clusters are reused
+            finally:
+                self._discard_type = "other"
 
     async def _zero_slice(self, l1_index: int, l2_index: int, nb: int,
                           flags: RequestFlags) -> None:
@@ -775,11 +792,18 @@ class Qcow2Driver(BlockDriver):
             return
         async with self._lock:
             self._discard_type = "request"
-            pos = start
-            while pos < end:
-                l1_index, l2_index, nb = self._split(pos, end - pos)
-                await self._discard_slice(l1_index, l2_index, nb)
-                pos += nb * cs
+            try:
+                pos = start
+                while pos < end:
+                    l1_index, l2_index, nb = self._split(pos, end - pos)
+                    await self._discard_slice(l1_index, l2_index, nb)
+                    pos += nb * cs
+                if self._pending_discards:
+                    # Pass the discards down now, while the lock keeps the freed clusters from
+                    # being reused: punching a hole later could hit new data in a reused cluster.
+                    await self._write_caches()
+            finally:
+                self._discard_type = "other"
 
     async def _discard_slice(self, l1_index: int, l2_index: int, nb: int) -> None:
         entries = [e for e, _ in await self._l2_entries(l1_index, l2_index, nb)]
