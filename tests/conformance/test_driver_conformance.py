@@ -321,11 +321,6 @@ def test_truncate(device: Device) -> None:
 ])
 def test_out_of_range(request: pytest.FixtureRequest, device: Device, what: str, offset: int,
                       length: int) -> None:
-    if device.config.growable_root:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "BUG: BlockBackend does not range-check requests (QEMU's blk_check_byte_request); "
-            "over a growable file root a request past the end reads zeroes or grows the image "
-            "instead of failing with EIO")))
     with pytest.raises(IOFailure) as info:
         if what == "read":
             device.read(offset, length)
@@ -340,12 +335,6 @@ def test_out_of_range(request: pytest.FixtureRequest, device: Device, what: str,
 
 def test_discard_then_rewrite_survives_flush(request: pytest.FixtureRequest,
                                              device: Device) -> None:
-    if device.config.id.startswith("qcow2"):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "BUG: qcow2 with discard=unmap defers the pass-through discard of a freed host "
-            "cluster to the next flush; a write in between reuses that cluster, and the flush "
-            "then punches a hole over the new data (QEMU issues the discards at the end of the "
-            "discard request)")))
     device.write(0, _random_bytes(2 * 65536, 8))
     device.discard(0, 65536)
     device.write(0, b"\x01" * 512)

@@ -87,10 +87,7 @@ def test_writethrough_flushes_every_write(layer: BlockLayer, tmp_path: Path, fmt
 
 
 @pytest.mark.parametrize("fmt", [
-    pytest.param("raw", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: IONode.pwrite_zeroes strips FUA before calling the driver even when the driver "
-        "supports FUA natively (raw), and then skips emulation because the driver claims FUA: "
-        "a writethrough write_zeroes through raw never flushes the file node"))),
+    "raw",
     "qcow2",
 ])
 def test_writethrough_zero_writes_flush(layer: BlockLayer, tmp_path: Path, fmt: str) -> None:

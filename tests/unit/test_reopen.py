@@ -180,10 +180,6 @@ def test_reopen_read_only_follows_file_not_backing(layer: BlockLayer,
     layer.run(bb.pwritev(0, memoryview(b"x" * 512)))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: reopen to read-only does not flush the node first (QEMU's bdrv_reopen_prepare does "
-    "bdrv_flush before dropping write access): qcow2's dirty metadata caches are stranded and "
-    "the layer's close later fails with EPERM writing them to the read-only file"))
 def test_reopen_read_only_flushes_dirty_metadata(tmp_path: Path) -> None:
     path = make_qcow2(tmp_path / "img.qcow2", 1 << 20)
     lay = BlockLayer()
@@ -228,9 +224,6 @@ def test_referenced_node_does_not_follow(layer: BlockLayer, chain: tuple[str, st
     assert child_path(root, "backing.file").flags.direct
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: reopen silently drops 'file.*' keys aimed at a referenced (non-inheriting) child; "
-    "QEMU 7.2 fails with \"Cannot change the option 'file.cache.direct'\""))
 def test_child_key_on_referenced_node_fails(layer: BlockLayer, chain: tuple[str, str]) -> None:
     _, root, f0 = _referenced(layer, chain[0])
     state = graph_state(layer)
@@ -296,10 +289,6 @@ def test_writeback_off_at_root_reopen_sets_backend(layer: BlockLayer,
     assert bb.write_cache is True
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: reopen compares 'driver'/'node-name' against node.options, which does not hold them "
-    "after open, so changing them is silently accepted (and ignored); QEMU 7.2: "
-    "\"Cannot change the option 'driver'\" / \"Cannot change the option 'node-name'\""))
 @pytest.mark.parametrize(("key", "value"), [("driver", "raw"), ("node-name", "foo")])
 def test_reopen_cannot_change_driver_or_node_name(layer: BlockLayer, chain: tuple[str, str],
                                                   key: str, value: str) -> None:
