@@ -13,7 +13,9 @@ from collections.abc import Callable
 from blockgraph.errors import BlockError
 from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.node import BlockBackend, Node
+from blockgraph.graph.query import image_info
 from blockgraph.graph.snapshot import external_snapshot
+from blockgraph.monitor.imageinfo import format_image_chain
 from blockgraph.monitor.qemuio import QemuIO
 
 _HELP = {
@@ -45,14 +47,17 @@ def _cache_mode(write_cache: bool, node: Node) -> str:
 
 
 def _backing_filename(node: Node) -> str | None:
-    info = node.driver.info()
-    if info.backing_file:
-        return info.backing_file
-    return node.backing.filename if node.backing is not None else None
+    # QEMU shows the backing node's (refreshed) filename; the header's name only without one.
+    if node.backing is not None:
+        return node.backing.filename
+    return node.driver.info().backing_file
 
 
-def format_block_info(bb: BlockBackend | None, node: Node | None) -> str:
-    """One entry of ``info block``: a BlockBackend (with its root) or a named node."""
+def format_block_info(bb: BlockBackend | None, node: Node | None, verbose: bool = False) -> str:
+    """One entry of ``info block``: a BlockBackend (with its root) or a named node.
+
+    With ``verbose`` (``-v``), the image information of the whole backing chain follows.
+    """
     lines: list[str] = []
     if bb is not None:
         if node is None:
@@ -76,7 +81,10 @@ def format_block_info(bb: BlockBackend | None, node: Node | None) -> str:
         if any(limits.get(k) for k in ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")):
             values = " ".join(f"{k}={limits.get(k, 0)}" for k in _THROTTLE_ORDER)
             lines.append(f"    I/O throttling:   {values} group={bb.throttle_group if bb else ''}")
-    return "".join(line + "\n" for line in lines)
+    text = "".join(line + "\n" for line in lines)
+    if verbose and node is not None:
+        text += "\nImages:\n" + format_image_chain(image_info(node, chain=True))
+    return text
 
 
 def _header(node: Node) -> str:
@@ -144,7 +152,6 @@ class HMP:
                 verbose = True
             elif device is None:
                 device = word
-        del verbose  # the -v image dump is not produced yet
         out: list[str] = []
         if not nodes:
             for index, bb in enumerate(self.layer.backends):
@@ -152,7 +159,7 @@ class HMP:
                     continue
                 if index:
                     out.append("\n")
-                out.append(format_block_info(bb, bb.root))
+                out.append(format_block_info(bb, bb.root, verbose))
         if nodes or device is not None:
             # QEMU lists named nodes newest first.
             named = list(reversed(self.layer.nodes))
@@ -161,7 +168,7 @@ class HMP:
                     continue
                 if index:
                     out.append("\n")
-                out.append(format_block_info(None, node))
+                out.append(format_block_info(None, node, verbose))
         return "".join(out)
 
     async def _qemu_io(self, rest: str) -> str:

@@ -1,0 +1,59 @@
+"""The human text of an ImageInfo, shared by ``qemu-img info`` and HMP ``info block -v``."""
+
+from __future__ import annotations
+
+from blockgraph.graph.query import ImageInfo
+
+# qcow2's format-specific keys in the order QEMU prints them.
+_QCOW2_ORDER = ("compat", "compression-type", "lazy-refcounts", "refcount-bits", "corrupt",
+                "extended-l2")
+
+
+_SIZE_PREFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+
+
+def size_to_str(size: int) -> str:
+    """A size with three significant digits and a binary unit: ``64 MiB``, ``196 KiB``."""
+    index = min((size.bit_length() - 1) // 10, len(_SIZE_PREFIXES) - 1) if size > 0 else 0
+    return f"{size / (1 << (10 * index)):.3g} {_SIZE_PREFIXES[index]}B"
+
+
+def _value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def format_image_info(info: ImageInfo) -> str:
+    """``image: ...`` to the end of ``Format specific information`` for one image."""
+    lines = [f"image: {info.filename}", f"file format: {info.format}",
+             f"virtual size: {size_to_str(info.virtual_size)} ({info.virtual_size} bytes)",
+             f"disk size: {size_to_str(info.actual_size) if info.actual_size is not None else 'unavailable'}"]
+    if info.encrypted:
+        lines.append("encrypted: yes")
+    if info.cluster_size:
+        lines.append(f"cluster_size: {info.cluster_size}")
+    if info.backing_filename:
+        text = f"backing file: {info.backing_filename}"
+        if info.full_backing_filename and info.full_backing_filename != info.backing_filename:
+            text += f" (actual path: {info.full_backing_filename})"
+        lines.append(text)
+    if info.backing_filename_format:
+        lines.append(f"backing file format: {info.backing_filename_format}")
+    if info.format_specific:
+        lines.append("Format specific information:")
+        keys = [k for k in _QCOW2_ORDER if k in info.format_specific]
+        keys += [k for k in info.format_specific if k not in keys]
+        for key in keys:
+            lines.append(f"    {key.replace('-', ' ')}: {_value(info.format_specific[key])}")
+    return "".join(line + "\n" for line in lines)
+
+
+def format_image_chain(info: ImageInfo) -> str:
+    """Every image of a chain, top first, as ``info block -v`` lists them."""
+    out: list[str] = []
+    current: ImageInfo | None = info
+    while current is not None:
+        out.append(format_image_info(current))
+        current = current.backing_image
+    return "".join(out)
