@@ -54,7 +54,10 @@ def _normalise(text: str, tmp: Path) -> str:
         line = re.sub(r"^QEMU [0-9.]+ monitor", "QEMU X.Y.Z monitor", line)
         line = re.sub(r"#block[0-9]+", "#blockNNN", line)
         line = line.replace(str(tmp), "TMP")
+        # snapshot=on overlays are temporary files with random names
+        line = re.sub(r"/var/tmp/vl\.[A-Za-z0-9_]+", "VLTMP", line)
         line = re.sub(r"^disk size: .*", "disk size: SIZE", line)
+        line = re.sub(r"[0-9]+ ops; .*", "X ops; TIME", line)  # qemu-io's rate line
         lines.append(line)
     return "\n".join(lines)
 
@@ -97,6 +100,9 @@ CASES = {
                             "if=none,file=TMP/top.qcow2,read-only=on,detect-zeroes=on"], ALL),
     "explicit-children": (["if=none,file=TMP/top.qcow2,cache.no-flush=on,"
                            "file.cache.no-flush=off,backing.cache.direct=on"], ALL),
+    "snapshot-on": (["if=none,file=TMP/top.qcow2,snapshot=on,cache=writethrough"],
+                    ["info block", "info block -n", 'qemu-io none0 "write -P 0x22 0 4k"',
+                     'qemu-io none0 "read -P 0x22 0 4k"']),
     "reopen": (["if=none,file=TMP/top.qcow2,node-name=image,cache=writethrough"],
                ['qemu-io none0 "reopen -c none"', "info block", "info block -n",
                 'qemu-io none0 "reopen -o cache.direct=off,file.cache.no-flush=on"',

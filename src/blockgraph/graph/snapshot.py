@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from blockgraph.drivers.base import ChildRole
 from blockgraph.errors import BlockError
@@ -29,12 +29,14 @@ async def external_snapshot(
     existing: bool = False,
     overlay_node_name: str | None = None,
     report: Callable[[str], None] | None = None,
+    cache_options: Mapping[str, object] | None = None,
 ) -> Node:
     """Put a new overlay ``overlay_filename`` on top of ``bb``'s root.
 
     :param existing: the overlay file exists already (``-n`` / ``mode=existing``); otherwise it
         is created with the old top as its backing file.
     :param report: receives the ``Formatting ...`` line of a created overlay.
+    :param cache_options: the overlay's cache options, instead of the old top's.
     :raise BlockError: QEMU's message; then the graph is unchanged.
     """
     old_top = bb.root
@@ -55,6 +57,8 @@ async def external_snapshot(
         "cache.direct": old_top.flags.direct,
         "cache.no-flush": old_top.flags.no_flush,
     }
+    if cache_options is not None:
+        overlay_options.update(cache_options)
     if overlay_node_name is not None:
         overlay_options["node-name"] = overlay_node_name
     overlay = await layer.open_node(overlay_filename, overlay_options)
@@ -73,12 +77,18 @@ async def external_snapshot(
 
 
 async def temporary_snapshot(layer: BlockLayer, bb: BlockBackend) -> None:
-    """``snapshot=on``: writes go to a temporary qcow2 overlay that is deleted on close."""
+    """``snapshot=on``: writes go to a temporary qcow2 overlay that is deleted on close.
+
+    As in QEMU, the overlay's header names no backing file (the old top is attached directly)
+    and it is opened ``cache=unsafe``-like: its content never needs to reach the disk.
+    """
+    if bb.root is None:
+        return
     fd, path = tempfile.mkstemp(prefix="vl.", dir=os.environ.get("TMPDIR", "/var/tmp"))
     os.close(fd)
     try:
-        overlay = await external_snapshot(layer, bb, path, "qcow2")
-        # The temporary overlay never needs to reach the disk (QEMU opens it cache=unsafe).
-        overlay.flags.no_flush = True
+        await create_image(layer, path, "qcow2", bb.root.getlength(), {})
+        await external_snapshot(layer, bb, path, "qcow2", existing=True,
+                                cache_options={"cache.direct": False, "cache.no-flush": True})
     finally:
         os.unlink(path)
