@@ -109,6 +109,10 @@ class _Opener:
         pre = self.preopened.pop(name, None)
         if pre is not None:
             return self.layer._link(self.node, name, role, pre)
+        # A backing file opened by the name in the image header (not by the user's reference or
+        # filename) is "implicit": the node is then described by its plain filename.
+        implicit = bool(role & ChildRole.COW) and name not in self.options and (
+            f"{name}.filename" not in self.options)
         try:
             child = await self.layer._open_child_node(
                 self.options, self.node.options, self.node.driver.is_format, name, role, filename, driver,
@@ -123,6 +127,8 @@ class _Opener:
         node, is_new = child
         if is_new:
             self.new_children.append(node)
+        if implicit:
+            self.node.auto_backing_file = node.filename
         return self.layer._link(self.node, name, role, node)
 
 
@@ -442,6 +448,8 @@ class BlockLayer:
         for child in node.children:
             if child.node in fresh or child.node in opener.new_children:
                 child.node.inherits_from = node
+        if cls.supports_backing and node.auto_backing_file is None:
+            node.auto_backing_file = driver.info().backing_file
         if backend is not None and writeback is not None:
             backend.write_cache = bool(writeback)
         return node

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -126,6 +125,10 @@ class Node(IONode):
         # The filename given when the node was opened (before any json: was parsed), used when
         # the node cannot describe itself with a plain filename.
         self.open_filename: str | None = None
+        # What the node's backing file is called when nothing overrides it: the backing node's
+        # filename if it was opened from the image header, else the header's name (QEMU's
+        # auto_backing_file). A different backing node makes the node's filename json:.
+        self.auto_backing_file: str | None = None
 
     def __repr__(self) -> str:
         return f"<Node {self.node_name} ({self.driver_name})>"
@@ -163,19 +166,13 @@ class Node(IONode):
         return "json:" + json.dumps(self.full_open_options(), sort_keys=True)
 
     def backing_overridden(self) -> bool:
-        """Whether the backing node differs from what the image's header names."""
+        """Whether the backing node differs from what the image itself names."""
         if not self.driver.supports_backing:
             return False
-        header = self.driver.info().backing_file
         backing = self.backing
         if backing is None:
-            return bool(header)
-        if not header:
-            return True
-        base = self.file.filename if self.file is not None else ""
-        if not (os.path.isabs(header) or ":" in header.split("/")[0]):
-            header = os.path.join(os.path.dirname(base), header)
-        return header != backing.filename
+            return bool(self.driver.info().backing_file)
+        return (self.auto_backing_file or "") != backing.filename
 
     def full_open_options(self) -> dict[str, object]:
         """The options that would open this node again (QEMU's ``full_open_options``)."""
