@@ -103,6 +103,8 @@ CASES = {
     "snapshot-on": (["if=none,file=TMP/top.qcow2,snapshot=on,cache=writethrough"],
                     ["info block", "info block -n", 'qemu-io none0 "write -P 0x22 0 4k"',
                      'qemu-io none0 "read -P 0x22 0 4k"']),
+    "snapshot-relative": (["if=none,file=top.qcow2,cache=writethrough"],
+                          ["snapshot_blkdev none0 snap.qcow2", "info block", "info block -n -v"]),
     "reopen": (["if=none,file=TMP/top.qcow2,node-name=image,cache=writethrough"],
                ['qemu-io none0 "reopen -c none"', "info block", "info block -n",
                 'qemu-io none0 "reopen -o cache.direct=off,file.cache.no-flush=on"',
