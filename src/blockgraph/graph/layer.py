@@ -17,7 +17,6 @@ import logging
 import random
 import re
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from blockgraph.drivers.base import BlockDriver, ChildAccess, ChildRole, NodeFlags
@@ -53,17 +52,6 @@ GENERIC_OPTIONS: dict[str, OptionSpec] = {
 _DISCARD_MODES = {"ignore": False, "off": False, "unmap": True, "on": True}
 _NODE_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,30}\Z")
 _MISSING = object()
-
-
-@dataclass
-class _ReopenEntry:
-    node: Node
-    options: dict[str, object]  # the node's new effective options
-    explicit: dict[str, object]  # its new explicit options
-    flags: NodeFlags
-    runtime: dict[str, Any]
-    write_cache: bool | None = None
-    prepared: bool = False
 
 
 class _Opener:
@@ -310,7 +298,6 @@ class BlockLayer:
         protocol: bool,
         backend: BlockBackend | None,
     ) -> Node:
-        open_filename = filename
         if filename is not None and filename.startswith("json:"):
             # Options given directly beat those inside the json: string.
             for key, value in parse_json_filename(filename).items():
@@ -368,7 +355,7 @@ class BlockLayer:
             elif filename is not None:
                 cls.parse_filename(filename, options)
             node = await self._open_with_driver(cls, options, explicit, preopened, fresh, backend,
-                                                protocol, open_filename)
+                                                protocol)
         except BaseException:
             for pre in fresh:
                 if not pre.parents and not pre.backends:
@@ -385,10 +372,9 @@ class BlockLayer:
         fresh: list[Node],
         backend: BlockBackend | None,
         protocol: bool,
-        open_filename: str | None,
     ) -> Node:
         options.pop("driver", None)
-        generic = self._consume(options, GENERIC_OPTIONS, cls)
+        generic = self._consume(options, GENERIC_OPTIONS)
         writeback = generic.pop("cache.writeback", None)
         if writeback is False and backend is None:
             raise BlockError(WRITETHROUGH_ERROR)
@@ -409,7 +395,7 @@ class BlockLayer:
         if aio is not None:
             generic[AIO_FLAG] = aio
         generic["read-only"] = flags.read_only
-        runtime = self._consume(options, cls.runtime_options, cls)
+        runtime = self._consume(options, cls.runtime_options)
         for key in [k for k in options if any(k == p or k.startswith(p + ".")
                                               for p in cls.runtime_option_prefixes)]:
             runtime[key] = options.pop(key)
@@ -417,7 +403,6 @@ class BlockLayer:
         auto = node_name is None
         node = Node(self, str(node_name) if node_name else self._generate_name(), auto, driver, flags)
         node.options = generic
-        node.open_filename = open_filename
         node.explicit_options = {
             k: convert_option(k, GENERIC_OPTIONS[k], v) if k in GENERIC_OPTIONS else v
             for k, v in explicit.items()
@@ -454,9 +439,7 @@ class BlockLayer:
             backend.write_cache = bool(writeback)
         return node
 
-    def _consume(
-        self, options: dict[str, object], schema: Mapping[str, OptionSpec], cls: type[BlockDriver]
-    ) -> dict[str, Any]:
+    def _consume(self, options: dict[str, object], schema: Mapping[str, OptionSpec]) -> dict[str, Any]:
         """Pop the keys of ``schema`` from ``options``, typed, with defaults filled in."""
         out: dict[str, object] = {}
         for key, spec in schema.items():

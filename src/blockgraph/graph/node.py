@@ -122,9 +122,6 @@ class Node(IONode):
         # The parent whose options this node inherits on reopen (None for referenced nodes).
         self.inherits_from: Node | None = None
         self.log = log.getChild(node_name.lstrip("#"))
-        # The filename given when the node was opened (before any json: was parsed), used when
-        # the node cannot describe itself with a plain filename.
-        self.open_filename: str | None = None
         # What the node's backing file is called when nothing overrides it: the backing node's
         # filename if it was opened from the image header, else the header's name (QEMU's
         # auto_backing_file). A different backing node makes the node's filename json:.
