@@ -44,6 +44,14 @@ def _load(sub: str) -> Callable[[str, list[str]], int] | None:
         from blockgraph.tools.system import main as system_main
 
         return system_main
+    if sub == "nbd":
+        from blockgraph.tools.nbd import main as nbd_main
+
+        return nbd_main
+    if sub == "storage-daemon":
+        from blockgraph.tools.storage_daemon import main as storage_daemon_main
+
+        return storage_daemon_main
     return None
 
 

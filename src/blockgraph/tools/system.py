@@ -7,6 +7,7 @@ monitor it waits, as QEMU would, until it is killed.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
@@ -15,6 +16,8 @@ from blockgraph.errors import BlockError
 from blockgraph.graph.drive import drive_new
 from blockgraph.graph.layer import BlockLayer
 from blockgraph.monitor.hmp import HMP
+from blockgraph.monitor.qmp.commands import QMPMonitor
+from blockgraph.monitor.qmp.server import QMPServer
 from blockgraph.options.keyval import parse_blockdev, parse_drive_opts
 from blockgraph.version import QEMU_VERSION_STRING
 
@@ -36,6 +39,7 @@ def main(prog: str, args: list[str]) -> int:
     drives: list[str] = []
     blockdevs: list[str] = []
     monitors: list[str] = []
+    qmps: list[str] = []
     i = 0
     while i < len(args):
         arg = args[i]
@@ -60,8 +64,7 @@ def main(prog: str, args: list[str]) -> int:
             elif name == "monitor":
                 monitors.append(value)
             elif name == "qmp":
-                sys.stderr.write(f"{prog}: -qmp {value}: QMP is not available yet\n")
-                return 1
+                qmps.append(value)
             i += 2
             continue
         if name in ("version", "h", "help"):
@@ -105,12 +108,59 @@ def main(prog: str, args: list[str]) -> int:
 
     stdio_monitor = any(m.split(",")[0] == "stdio" for m in monitors)
     try:
+        if qmps:
+            if stdio_monitor:
+                sys.stderr.write(f"{prog}: -qmp with -monitor stdio is not available yet\n")
+                return 1
+            return _run_qmp(prog, layer, qmps)
         if stdio_monitor:
             return _run_stdio_monitor(layer)
         signal.pause()
         return 0
     finally:
         layer.close()
+
+
+def _run_qmp(prog: str, layer: BlockLayer, specs: list[str]) -> int:
+    """Serve QMP (``-qmp stdio`` / ``-qmp unix:PATH,server=on,wait=off``) until ``quit``."""
+    monitor = QMPMonitor(layer, "system")
+    server = QMPServer(monitor)
+    stdio = False
+    paths: list[str] = []
+    for spec in specs:
+        if spec == "stdio":
+            if stdio:
+                sys.stderr.write(f"{prog}: -qmp stdio: cannot use stdio by multiple character devices\n")
+                return 1
+            stdio = True
+        elif spec.startswith("unix:"):
+            path, _, options = spec[len("unix:"):].partition(",")
+            if "server=on" not in options.split(",") and "server" not in options.split(","):
+                sys.stderr.write(f"{prog}: -qmp {spec}: client mode sockets are not available yet\n")
+                return 1
+            paths.append(path)
+        else:
+            sys.stderr.write(f"{prog}: -qmp {spec}: only 'stdio' and 'unix:' are available\n")
+            return 1
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for path in paths:
+            await server.serve_unix(path)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(signum, server.quit.set)
+        try:
+            if stdio:
+                await server.serve_stdio()
+            else:
+                await server.quit.wait()
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+            await server.close()
+
+    layer.run(run())
+    return 0
 
 
 def _run_stdio_monitor(layer: BlockLayer) -> int:

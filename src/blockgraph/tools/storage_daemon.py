@@ -1,0 +1,421 @@
+"""``blockgraph storage-daemon``: qemu-storage-daemon 7.2's command line.
+
+Options are processed in order, as QEMU does: ``--blockdev`` opens nodes (owned by the
+monitor), ``--chardev socket,path=P,server=on,wait=off,id=X`` and ``--monitor chardev=X`` serve
+QMP on a unix socket, ``--object secret,...`` is accepted, ``--pidfile`` is written once
+everything listens (the "started" signal), ``--daemonize`` returns in the parent only after
+that. ``quit`` or SIGINT/SIGTERM/SIGHUP end the daemon, removing the pid file and the sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from blockgraph.errors import BlockError
+from blockgraph.graph.layer import BlockLayer
+from blockgraph.monitor.qmp.commands import DRIVERS, QMPMonitor, check_blockdev_options
+from blockgraph.monitor.qmp.server import QMPServer
+from blockgraph.options.keyval import crumple, parse_blockdev, parse_keyval
+from blockgraph.options.qjson import parse_json
+from blockgraph.version import QEMU_VERSION_STRING
+
+_HELP = """\
+Usage: {prog} [options]
+QEMU storage daemon
+
+  -h, --help             display this help and exit
+  -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]
+                         specify tracing options
+  -V, --version          output version information and exit
+
+  --blockdev [driver=]<driver>[,node-name=<N>][,discard=ignore|unmap]
+             [,cache.direct=on|off][,cache.no-flush=on|off]
+             [,read-only=on|off][,auto-read-only=on|off]
+             [,force-share=on|off][,detect-zeroes=on|off|unmap]
+             [,driver specific parameters...]
+                         configure a block backend
+
+  --chardev <options>    configure a character device backend
+                         (see the qemu(1) man page for possible options)
+
+  --daemonize            daemonize the process, and have the parent exit
+                         once startup is complete
+
+  --monitor [chardev=]name[,mode=control][,pretty[=on|off]]
+                         configure a QMP monitor
+
+  --object help          list object types that can be added
+  --object <type>,help   list properties for the given object type
+  --object <type>[,<property>=<value>...]
+                         create a new object of type <type>, setting
+                         properties in the order they are specified. Note
+                         that the 'id' property must be set.
+
+  --pidfile <path>       write process ID to a file after startup
+
+blockgraph implements the options above; --nbd-server and --export are not available yet.
+"""
+
+_OBJECT_TYPES = ("authz-list", "authz-list-file", "authz-simple", "iothread", "main-loop",
+                 "pr-manager-helper", "secret", "secret_keyring", "thread-context",
+                 "throttle-group", "tls-cipher-suites", "tls-creds-anon", "tls-creds-psk",
+                 "tls-creds-x509")
+
+# long option -> takes an argument
+_LONG = {"help": False, "version": False, "trace": True, "blockdev": True, "chardev": True,
+         "export": True, "monitor": True, "nbd-server": True, "object": True, "pidfile": True,
+         "daemonize": False}
+_SHORT = {"h": "help", "V": "version", "T": "trace"}
+
+
+class _Fail(Exception):
+    """A command-line error: the message is printed after the program name."""
+
+
+@dataclass
+class _Chardev:
+    id: str
+    backend: str
+    path: str | None
+    used: bool = False
+
+
+@dataclass
+class _Config:
+    actions: list[tuple[str, str]] = field(default_factory=list)
+    pidfile: str | None = None
+    daemonize: bool = False
+
+
+def _parse_argv(prog: str, args: list[str]) -> _Config | int:
+    """getopt_long's view of ``args``; returns an exit code for -h/-V and syntax errors."""
+    config = _Config()
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg[2:].partition("=")
+            matches = [o for o in _LONG if o == name] or [o for o in _LONG if o.startswith(name)]
+            if len(matches) != 1:
+                kind = "ambiguous" if len(matches) > 1 else "unrecognized"
+                sys.stderr.write(f"{prog}: {kind} option '{arg}'\n")
+                return 1
+            name = matches[0]
+            if _LONG[name]:
+                if not eq:
+                    if i >= len(args):
+                        sys.stderr.write(f"{prog}: option '--{name}' requires an argument\n")
+                        return 1
+                    value = args[i]
+                    i += 1
+            elif eq:
+                sys.stderr.write(f"{prog}: option '--{name}' doesn't allow an argument\n")
+                return 1
+        elif arg.startswith("-") and len(arg) > 1 and arg != "--":
+            letter = arg[1]
+            if letter not in _SHORT:
+                sys.stderr.write(f"{prog}: invalid option -- '{letter}'\n")
+                return 1
+            name = _SHORT[letter]
+            value = arg[2:]
+            if _LONG[name] and not value:
+                if i >= len(args):
+                    sys.stderr.write(f"{prog}: option requires an argument -- '{letter}'\n")
+                    return 1
+                value = args[i]
+                i += 1
+        else:
+            sys.stderr.write(f"{prog}: {arg}: Unexpected argument\n")
+            return 1
+        if name == "help":
+            sys.stdout.write(_HELP.format(prog=prog))
+            return 0
+        if name == "version":
+            sys.stdout.write(f"{prog} version {QEMU_VERSION_STRING} (blockgraph)\n"
+                             "Copyright (c) 2003-2022 Fabrice Bellard and the QEMU Project "
+                             "developers\n")
+            return 0
+        if name == "daemonize":
+            config.daemonize = True
+        elif name == "pidfile":
+            config.pidfile = value
+        elif name == "trace":
+            pass  # tracing is accepted and has no effect
+        else:
+            config.actions.append((name, value))
+    return config
+
+
+def _qemu_opts(text: str, implied: str) -> dict[str, str]:
+    """QemuOpts syntax (``-chardev``): ``,,`` escapes, a bare first word is ``implied``."""
+    items: list[str] = []
+    current: list[str] = []
+    pos = 0
+    while pos < len(text):
+        if text[pos] == ",":
+            if text.startswith(",,", pos):
+                current.append(",")
+                pos += 2
+                continue
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(text[pos])
+        pos += 1
+    items.append("".join(current))
+    out: dict[str, str] = {}
+    for index, item in enumerate(items):
+        key, eq, value = item.partition("=")
+        if not eq:
+            if index == 0:
+                out[implied] = key
+            elif key.startswith("no") and key not in ("nodelay",):
+                out[key[2:]] = "off"
+            else:
+                out[key] = "on"
+        else:
+            out[key] = value
+    return out
+
+
+class _Daemon:
+    def __init__(self, prog: str, config: _Config) -> None:
+        self.prog = prog
+        self.config = config
+        self.layer = BlockLayer()
+        self.monitor = QMPMonitor(self.layer, "storage-daemon", output=self._print)
+        self.server = QMPServer(self.monitor)
+        self.chardevs: dict[str, _Chardev] = {}
+        self.pidfile_fd: int | None = None
+        self.stdio_monitor = False
+
+    @staticmethod
+    def _print(line: str) -> None:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    # -- options ----------------------------------------------------------------------------
+
+    async def apply(self, option: str, value: str) -> None:
+        handler: dict[str, Callable[[str], object]] = {
+            "blockdev": self._blockdev,
+            "chardev": self._chardev,
+            "monitor": self._monitor,
+            "object": self._object,
+            "nbd-server": self._unavailable,
+            "export": self._unavailable,
+        }
+        result = handler[option](value)
+        if asyncio.iscoroutine(result):
+            await result
+
+    def _unavailable(self, value: str) -> None:
+        raise _Fail("this option is not available in blockgraph yet")
+
+    async def _blockdev(self, value: str) -> None:
+        if value.startswith("{"):
+            parsed = parse_json(value)
+            assert isinstance(parsed, dict)
+            check_blockdev_options(parsed)
+            options = parse_blockdev(value)
+        else:
+            options = parse_blockdev(value)
+            driver = options.get("driver")
+            if driver is None:
+                raise BlockError("Parameter 'driver' is missing")
+            if driver not in DRIVERS:
+                raise BlockError(f"Parameter 'driver' does not accept value '{driver}'")
+            crumple(options)
+        if "node-name" not in options:
+            raise BlockError("'node-name' must be specified for the root node")
+        node = await self.layer.open_node(None, options)
+        self.monitor.owned.add(node.node_name)
+
+    async def _chardev(self, value: str) -> None:
+        opts = _qemu_opts(value, "backend")
+        ident = opts.pop("id", None)
+        if ident is None:
+            raise _Fail("chardev: no id specified")
+        if ident in self.chardevs:
+            raise _Fail("duplicate yank instance" if opts.get("backend") == "socket"
+                        else f"attempt to add duplicate property '{ident}' to object (type 'container')")
+        backend = opts.pop("backend", "")
+        if backend == "stdio":
+            known: tuple[str, ...] = ("signal", "logfile", "logappend", "mux")
+        elif backend == "socket":
+            known = ("path", "server", "wait", "abstract", "tight", "reconnect", "logfile",
+                     "logappend", "mux", "telnet", "websocket", "tn3270", "nodelay")
+        else:
+            raise _Fail(f"'{backend}' is not a valid char driver name" if backend
+                        else "chardev: \"\" missing backend")
+        for key in opts:
+            if key not in known:
+                raise _Fail(f"Invalid parameter '{key}'")
+        path = opts.get("path")
+        if backend == "socket":
+            if path is None:
+                raise _Fail("Unable to parse FD number ")
+            if opts.get("server", "off") != "on":
+                raise _Fail("client mode sockets are not available in blockgraph yet")
+        self.chardevs[ident] = _Chardev(ident, backend, path)
+
+    async def _monitor(self, value: str) -> None:
+        opts = parse_keyval(value, implied_key="chardev")
+        for key in opts:
+            if key not in ("chardev", "mode", "pretty", "id"):
+                raise _Fail(f"Parameter '{key}' is unexpected")
+        mode = opts.get("mode", "control")
+        if mode not in ("control", "readline"):
+            raise _Fail(f"Parameter 'mode' does not accept value '{mode}'")
+        name = opts.get("chardev")
+        if name is None:
+            raise _Fail("Parameter 'chardev' is missing")
+        chardev = self.chardevs.get(name)
+        if chardev is None:
+            raise _Fail(f'chardev "{name}" not found')
+        if mode != "control":
+            raise _Fail("Only QMP is supported")
+        if chardev.used:
+            raise _Fail(f"Device '{name}' is in use")
+        chardev.used = True
+        if chardev.backend == "stdio":
+            self.stdio_monitor = True
+        else:
+            assert chardev.path is not None
+            try:
+                await self.server.serve_unix(chardev.path)
+            except OSError as exc:
+                raise _Fail(f"Failed to bind socket to {chardev.path}: {exc.strerror}") from exc
+
+    def _object(self, value: str) -> None:
+        if value in ("help", "?"):
+            self._print("List of user creatable objects:")
+            for name in _OBJECT_TYPES:
+                self._print(f"  {name}")
+            raise SystemExit(0)
+        opts = parse_keyval(value, implied_key="qom-type")
+        qom_type = opts.get("qom-type")
+        if qom_type is None:
+            raise _Fail("Parameter 'qom-type' is missing")
+        if qom_type not in _OBJECT_TYPES:
+            raise _Fail(f"Parameter 'qom-type' does not accept value '{qom_type}'")
+        if "id" not in opts:
+            raise _Fail("Parameter 'id' is missing")
+        if qom_type == "secret" and "data" not in opts and "file" not in opts:
+            raise _Fail("Either 'file' or 'data' must be provided")
+
+    # -- pid file ---------------------------------------------------------------------------
+
+    def write_pidfile(self) -> None:
+        path = self.config.pidfile
+        if path is None:
+            return
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise _Fail(f"Cannot open pid file: {exc.strerror}") from exc
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise _Fail(f"Cannot lock pid file: {exc.strerror}") from exc
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.pidfile_fd = fd
+
+    def remove_pidfile(self) -> None:
+        if self.pidfile_fd is not None and self.config.pidfile is not None:
+            try:
+                os.unlink(self.config.pidfile)
+            except OSError:
+                pass
+            os.close(self.pidfile_fd)
+            self.pidfile_fd = None
+
+    # -- run --------------------------------------------------------------------------------
+
+    async def run(self, started: Callable[[], None]) -> int:
+        for option, value in self.config.actions:
+            try:
+                await self.apply(option, value)
+            except (BlockError, _Fail) as exc:
+                sys.stderr.write(f"{self.prog}: --{option} {value}: {exc}\n")
+                return 1
+        try:
+            self.write_pidfile()
+        except _Fail as exc:
+            sys.stderr.write(f"{self.prog}: {exc}\n")
+            return 1
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(signum, self.server.quit.set)
+        started()
+        try:
+            if self.stdio_monitor:
+                stdio = asyncio.ensure_future(self.server.serve_stdio())
+                await self.server.quit.wait()
+                stdio.cancel()
+            else:
+                await self.server.quit.wait()
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+            await self.server.close()
+            self.remove_pidfile()
+        return 0
+
+
+def _daemonize() -> Callable[[], None]:
+    """Fork; the parent waits for the child's "started" byte and exits with its verdict.
+
+    :return: in the child, the callback that tells the parent startup is complete.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        status = os.read(read_end, 1)
+        if status == b"\0":
+            os._exit(0)
+        _, wait_status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(wait_status)
+        os._exit(code or 1)
+    os.close(read_end)
+    os.setsid()
+
+    def started() -> None:
+        os.write(write_end, b"\0")
+        os.close(write_end)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+
+    return started
+
+
+def _nothing() -> None:
+    return None
+
+
+def main(prog: str, args: list[str]) -> int:
+    """Run the daemon; return its exit code."""
+    parsed = _parse_argv(prog, args)
+    if isinstance(parsed, int):
+        return parsed
+    config = parsed
+    started = _daemonize() if config.daemonize else _nothing
+    daemon = _Daemon(prog, config)
+    try:
+        return daemon.layer.run(daemon.run(started))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    finally:
+        daemon.layer.close()
