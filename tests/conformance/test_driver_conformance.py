@@ -32,7 +32,7 @@ from tests.support.graphutil import make_qcow2  # noqa: E402
 from tests.support.oracle import HAVE_QEMU, run  # noqa: E402
 
 from blockgraph.drivers.base import BlockStatusFlags, RequestFlags  # noqa: E402
-from blockgraph.errors import IOFailure  # noqa: E402
+from blockgraph.errors import BlockError, IOFailure  # noqa: E402
 from blockgraph.graph.layer import BlockLayer  # noqa: E402
 from blockgraph.graph.node import BlockBackend  # noqa: E402
 
@@ -52,6 +52,7 @@ class Config:
     build: Callable[[Path, int], tuple[str | None, dict[str, object], bytes, str | None]]
     retains: bool = True  # writes read back (null-co forgets them)
     truncate: bool = True  # the node can be resized
+    truncate_sectors: bool = False  # new sizes must be whole sectors (qcow2, as QEMU)
     persistent: bool = True  # data survives close + reopen
     growable_root: bool = False  # a protocol root over a file (no range check of its own)
 
@@ -110,8 +111,8 @@ def _build_qcow2_backing_small(d: Path, size: int) -> tuple[str | None, dict[str
 CONFIGS = [
     Config("file", _build_file, growable_root=True),
     Config("raw-file", _build_raw),
-    Config("qcow2", _build_qcow2, truncate=False),
-    Config("qcow2-backing", _build_qcow2_backing, truncate=False),
+    Config("qcow2", _build_qcow2, truncate_sectors=True),
+    Config("qcow2-backing", _build_qcow2_backing, truncate_sectors=True),
     Config("null-co", _build_null, retains=False, truncate=False, persistent=False),
     Config("blkdebug-file", _build_blkdebug),
     Config("file-direct", _build_file_direct, growable_root=True),
@@ -303,6 +304,10 @@ def test_truncate(device: Device) -> None:
         device.check_all()
         return
     for new_size in (SIZE + 65536, SIZE // 2, SIZE // 2 + 1000, SIZE):
+        if device.config.truncate_sectors and new_size % 512:
+            with pytest.raises(BlockError, match="The new size must be a multiple of 512"):
+                device.layer.run(device.root.truncate(new_size))
+            continue
         device.layer.run(device.root.truncate(new_size))
         old = len(device.model)
         if new_size < old:

@@ -46,6 +46,7 @@ class RequestFlags(enum.IntFlag):
     FUA = 1 << 0
     MAY_UNMAP = 1 << 1
     NO_FALLBACK = 1 << 2
+    COMPRESSED = 1 << 3  # write -c: qcow2 stores whole clusters compressed
 
 
 class BlockStatusFlags(enum.IntFlag):
@@ -80,6 +81,9 @@ class NodeFlags:
     # -drive's aio= mode, which every node of the drive inherits as its default (QEMU's
     # BDRV_O_NATIVE_AIO / BDRV_O_IO_URING open flags); None = threads.
     aio: str | None = None
+    # Opened for an image check (QEMU's BDRV_O_CHECK): a corrupt or dirty qcow2 image opens
+    # read-write without the automatic repair, so that the check can report and fix it.
+    check: bool = False
 
 
 class ChildAccess(Protocol):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import re
 from collections.abc import Callable, Coroutine, Mapping
@@ -102,6 +103,8 @@ class _Opener:
         implicit = bool(role & ChildRole.COW) and name not in self.options and (
             f"{name}.filename" not in self.options)
         try:
+            if role & ChildRole.COW and filename is not None and f"{name}.filename" not in self.options:
+                self.layer._check_backing_loop(filename)
             child = await self.layer._open_child_node(
                 self.options, self.node.options, self.node.driver.is_format, name, role, filename, driver,
                 allow_none, self.protocol,
@@ -134,6 +137,9 @@ class BlockLayer:
         self.warnings: list[str] = []
         self.warn: Callable[[str], None] = self.warnings.append
         self._loop: asyncio.AbstractEventLoop | None = None
+        # (real path, read-only) of the image files whose format nodes are opening right now:
+        # a backing file naming one of them would make the chain endless.
+        self._opening_images: list[tuple[str, bool]] = []
 
     # -- sync facade ------------------------------------------------------------------------
 
@@ -188,6 +194,22 @@ class BlockLayer:
                 raise BlockError(f"node-name={node.node_name} is conflicting with a device id")
         self.nodes.append(node)
 
+    def _check_backing_loop(self, filename: str) -> None:
+        """Refuse a backing file that is an image of the chain being opened (a→b→a).
+
+        QEMU fails on its image locks when the top is writable and recurses forever when it is
+        read-only; we give the lock error in the first case and qemu-img's loop error otherwise.
+        """
+        if filename.startswith("json:") or not os.path.exists(filename):
+            return
+        real = os.path.realpath(filename)
+        for path, read_only in self._opening_images:
+            if path == real:
+                if not read_only:
+                    raise BlockError('Failed to get shared "write" lock\n'
+                                     f"Is another process using the image [{filename}]?")
+                raise BlockError(f"Backing file '{filename}' creates an infinite loop.")
+
     def check_node_name(self, name: str) -> None:
         if not _NODE_NAME_RE.match(name):
             raise BlockError(f"Invalid node-name: '{name}'")
@@ -218,16 +240,18 @@ class BlockLayer:
         options: dict[str, object],
         *,
         backend: BlockBackend | None = None,
+        check: bool = False,
     ) -> Node:
         """Open a node (and its children) as a root; with ``backend``, as that BB's root.
 
         ``options`` are flat (dotted keys), values strings or typed JSON values. The node is
-        attached to ``backend`` on success.
+        attached to ``backend`` on success. ``check`` opens the root for an image check
+        (QEMU's ``BDRV_O_CHECK``).
 
         :raise BlockError: with QEMU's message; the graph is unchanged.
         """
         node = await self._open(filename, dict(options), parent_options=None, role=None,
-                                protocol=False, backend=backend)
+                                protocol=False, backend=backend, check=check)
         if backend is not None:
             backend.attach(node)
         return node
@@ -297,6 +321,7 @@ class BlockLayer:
         role: ChildRole | None,
         protocol: bool,
         backend: BlockBackend | None,
+        check: bool = False,
     ) -> Node:
         if filename is not None and filename.startswith("json:"):
             # Options given directly beat those inside the json: string.
@@ -355,7 +380,7 @@ class BlockLayer:
             elif filename is not None:
                 cls.parse_filename(filename, options)
             node = await self._open_with_driver(cls, options, explicit, preopened, fresh, backend,
-                                                protocol)
+                                                protocol, check)
         except BaseException:
             for pre in fresh:
                 if not pre.parents and not pre.backends:
@@ -372,6 +397,7 @@ class BlockLayer:
         fresh: list[Node],
         backend: BlockBackend | None,
         protocol: bool,
+        check: bool = False,
     ) -> Node:
         options.pop("driver", None)
         generic = self._consume(options, GENERIC_OPTIONS)
@@ -391,6 +417,7 @@ class BlockLayer:
             no_flush=bool(generic["cache.no-flush"]),
             discard_unmap=_DISCARD_MODES[discard],
             aio=str(aio) if aio is not None else None,
+            check=check,
         )
         if aio is not None:
             generic[AIO_FLAG] = aio
@@ -411,6 +438,12 @@ class BlockLayer:
         node.explicit_options.pop("cache.writeback", None)
         self._register(node)
         opener = _Opener(self, node, options, preopened, protocol)
+        image = preopened.get("file")
+        marker = (os.path.realpath(image.filename), flags.read_only) if (
+            image is not None and cls.is_format and image.filename
+            and not image.filename.startswith("json:")) else None
+        if marker is not None:
+            self._opening_images.append(marker)
         try:
             await driver.open(opener, runtime)
             for unused in opener.preopened.values():
@@ -430,6 +463,9 @@ class BlockLayer:
                     await self._close_tree(child.node)
             self.nodes.remove(node)
             raise
+        finally:
+            if marker is not None:
+                self._opening_images.remove(marker)
         for child in node.children:
             if child.node in fresh or child.node in opener.new_children:
                 child.node.inherits_from = node

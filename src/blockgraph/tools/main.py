@@ -26,8 +26,8 @@ commands:
   img             qemu-img compatible image tool
   io              qemu-io compatible I/O tester
   system          the block options of qemu-system-x86_64 (no guest)
-  nbd             qemu-nbd compatible NBD server (not implemented yet)
-  storage-daemon  qemu-storage-daemon compatible daemon (not implemented yet)
+  nbd             qemu-nbd compatible NBD server
+  storage-daemon  qemu-storage-daemon compatible daemon (QMP monitor; NBD exports not yet)
 """
 
 
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         prog = f"blockgraph-{sub}"
     entry = _load(sub)
     if entry is None:
-        sys.stderr.write(f"blockgraph: '{sub}' is not available yet\n" if sub in ("nbd", "storage-daemon")
-                         else f"blockgraph: unknown command '{sub}'\n")
+        sys.stderr.write(f"blockgraph: unknown command '{sub}'\n")
         return 1
     return entry(prog, args)
 

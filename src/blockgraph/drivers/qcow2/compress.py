@@ -22,7 +22,7 @@ from blockgraph.errors import EIO, ENOTSUP, IOFailure
 
 def _zstd() -> Any:
     try:
-        import zstandard  # type: ignore[import-not-found]
+        import zstandard
     except ImportError:
         return None
     return zstandard

@@ -209,8 +209,6 @@ async def qcow2_create(
     size = (size + 511) & ~511  # qemu-img rounds the disk size up to whole sectors
     _check_options(size, version, cluster_size, refcount_bits, extended_l2, compression_type,
                    lazy_refcounts, preallocation, backing_file, backing_format)
-    if preallocation in ("falloc", "full"):
-        raise BlockError(f"qcow2: preallocation={preallocation} is not supported yet")
 
     cluster_bits = cluster_size.bit_length() - 1
     refcount_order = refcount_bits.bit_length() - 1
@@ -271,6 +269,8 @@ async def qcow2_create(
     drv.header.l1_table_offset = l1_offset
     drv.l1_table = [0] * l1_size
 
-    if preallocation == "metadata":
-        await drv.preallocate_metadata(0, size)
+    if preallocation != "off":
+        from blockgraph.drivers.qcow2.resize import preallocate
+
+        await preallocate(drv, 0, size, preallocation)
     await drv.close()

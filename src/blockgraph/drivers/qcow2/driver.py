@@ -40,7 +40,8 @@ from blockgraph.drivers.base import (
     OpenContext,
     RequestFlags,
 )
-from blockgraph.drivers.qcow2.compress import decompress_cluster
+from blockgraph.drivers.qcow2.check import FIX_ALL, CheckResult, check_image
+from blockgraph.drivers.qcow2.compress import compress_cluster, decompress_cluster
 from blockgraph.drivers.qcow2.header import (
     COMPRESSION_TYPE_NAMES,
     HEADER_OFFSET_AUTOCLEAR,
@@ -56,6 +57,8 @@ from blockgraph.drivers.qcow2.header import (
     parse_header,
 )
 from blockgraph.drivers.qcow2.refcount import Refcounts
+from blockgraph.drivers.qcow2.snapshot import Snapshot, read_snapshots
+from blockgraph.drivers.qcow2.subcluster import discard_slice_ext, write_slice_ext
 from blockgraph.drivers.qcow2.tables import (
     L1E_OFFSET_MASK,
     L1E_SIZE,
@@ -63,15 +66,17 @@ from blockgraph.drivers.qcow2.tables import (
     L2E_SIZE_EXTENDED,
     L2E_SIZE_NORMAL,
     QCOW2_COMPRESSED_SECTOR_SIZE,
+    QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO,
+    REFT_OFFSET_MASK,
     REFTABLE_ENTRY_SIZE,
     SUBCLUSTERS_PER_CLUSTER,
     ClusterType,
     Qcow2Cache,
     cluster_type,
 )
-from blockgraph.errors import EIO, ENOTSUP, BlockError, IOFailure
+from blockgraph.errors import EINVAL, EIO, ENOMEDIUM, ENOTSUP, BlockError, IOFailure
 from blockgraph.options.schema import OptionSpec, OptType, opt
 
 log = logging.getLogger(__name__)
@@ -93,6 +98,12 @@ OVERLAP_CHECK_KINDS = (
     "inactive-l2",
     "bitmap-directory",
 )
+# QEMU's QCOW2_OL_CONSTANT / _CACHED / _ALL.
+_OL_CONSTANT = ("main-header", "active-l1", "refcount-table", "snapshot-table", "bitmap-directory")
+_OL_CACHED = (*_OL_CONSTANT, "active-l2", "refcount-block", "inactive-l1")
+OVERLAP_TEMPLATE_KINDS: dict[str, tuple[str, ...]] = {
+    "none": (), "constant": _OL_CONSTANT, "cached": _OL_CACHED, "all": (*_OL_CACHED, "inactive-l2"),
+}
 
 # What qcow2 in QEMU 7.2 accepts at open (``qemu-io --image-opts`` rejects anything else).
 QCOW2_RUNTIME_OPTIONS: dict[str, OptionSpec] = {
@@ -153,7 +164,7 @@ class Qcow2Driver(BlockDriver):
     is_format = True
     supports_backing = True
     runtime_options: ClassVar[Mapping[str, OptionSpec]] = QCOW2_RUNTIME_OPTIONS
-    supported_write_flags = RequestFlags.NONE
+    supported_write_flags = RequestFlags.COMPRESSED
 
     request_alignment = 512
 
@@ -177,6 +188,10 @@ class Qcow2Driver(BlockDriver):
         self._pending_discards: list[tuple[int, int]] = []
         self._discard_type = "other"
         self._discard_unmap = False
+        self._broken = False
+        self._corruption_reported = False
+        self.snapshots: list[Snapshot] = []
+        self.snapshots_size = 0  # bytes of the snapshot table on disk
 
     # ------------------------------------------------------------------ probing and opening
 
@@ -216,12 +231,9 @@ class Qcow2Driver(BlockDriver):
             if not h.data_file:
                 raise BlockError("'data-file' is required for this image")
             raise BlockError("qcow2: external data files are not supported")
-        if h.incompatible_features & QCOW2_INCOMPAT_CORRUPT and not self.read_only:
+        checking = ctx.flags.check
+        if h.incompatible_features & QCOW2_INCOMPAT_CORRUPT and not self.read_only and not checking:
             raise BlockError("qcow2: Image is corrupt; cannot be opened read/write")
-        if h.incompatible_features & QCOW2_INCOMPAT_DIRTY and not self.read_only:
-            # QEMU repairs the refcounts here (qemu-img check -r all); that comes with check.
-            raise BlockError("qcow2: Image is dirty (lazy refcounts); repair it with "
-                             "'qemu-img check -r all' before opening it read/write")
 
         self._apply_options()
 
@@ -230,6 +242,7 @@ class Qcow2Driver(BlockDriver):
             raw = bytearray(h.l1_size * L1E_SIZE)
             await file.preadv(h.l1_table_offset, memoryview(raw))
             self.l1_table = list(struct.unpack(f">{h.l1_size}Q", raw))
+        self.snapshots, self.snapshots_size = await read_snapshots(self)
         # Refcount table.
         nb_reftable = h.refcount_table_clusters * self.cluster_size // REFTABLE_ENTRY_SIZE
         raw = bytearray(nb_reftable * REFTABLE_ENTRY_SIZE)
@@ -249,6 +262,8 @@ class Qcow2Driver(BlockDriver):
         )
         self.refcounts.l2_cache = self.l2_cache
         self.refcounts.on_free = self._on_free
+        self.l2_cache.pre_write = lambda o, n: self._overlap_check(o, n, "active-l2")
+        self.refcount_cache.pre_write = lambda o, n: self._overlap_check(o, n, "refcount-block")
 
         if not self.read_only:
             # Autoclear bits this implementation does not maintain must go before any write:
@@ -258,6 +273,8 @@ class Qcow2Driver(BlockDriver):
                 h.autoclear_features = keep
                 await file.pwritev(HEADER_OFFSET_AUTOCLEAR, memoryview(struct.pack(">Q", keep)))
                 await file.flush()
+            if h.incompatible_features & QCOW2_INCOMPAT_DIRTY and not checking:
+                await self._repair_dirty()
 
         if h.backing_file is not None or ctx.has_child_options("backing"):
             if not ctx.flags.no_backing:
@@ -359,14 +376,137 @@ class Qcow2Driver(BlockDriver):
             "other": bool(o.get("pass-discard-other", False)),
         }
 
+    # ------------------------------------------------------------------ resize and snapshots
+
+    async def truncate(self, length: int, prealloc: str = "off") -> None:
+        """Grow or shrink the disk; ``prealloc`` is off, metadata, falloc or full."""
+        from blockgraph.drivers.qcow2.resize import truncate
+
+        await truncate(self, length, prealloc)
+
+    async def snapshot_create(self, name: str, **kwargs: Any) -> Snapshot:
+        from blockgraph.drivers.qcow2.snapshot import snapshot_create
+
+        return await snapshot_create(self, name, **kwargs)
+
+    async def snapshot_goto(self, id_or_name: str) -> None:
+        from blockgraph.drivers.qcow2.snapshot import snapshot_goto
+
+        await snapshot_goto(self, id_or_name)
+
+    async def snapshot_delete(self, id_str: str | None, name: str | None) -> None:
+        from blockgraph.drivers.qcow2.snapshot import snapshot_delete
+
+        await snapshot_delete(self, id_str, name)
+
+    def snapshot_list(self) -> list[Snapshot]:
+        return list(self.snapshots)
+
     async def close(self) -> None:
-        if self.file is None or self.read_only:
-            return
+        if self.file is None or self.read_only or self._broken or not hasattr(self, "refcounts"):
+            return  # never opened far enough to have metadata caches, or unusable
         async with self._lock:
             await self._write_caches()
             await self.file.flush()
             if self.header.incompatible_features & QCOW2_INCOMPAT_DIRTY:
                 await self._set_incompat(self.header.incompatible_features & ~QCOW2_INCOMPAT_DIRTY)
+
+    # ------------------------------------------------------------------ check and corruption
+
+    async def check(self, fix: int = 0, res: CheckResult | None = None) -> CheckResult:
+        """``qemu-img check`` (``fix``: :data:`~blockgraph.drivers.qcow2.check.FIX_LEAKS` /
+        ``FIX_ERRORS``); the stderr lines QEMU prints are in the result's ``messages`` (in
+        ``res``, if given, also when the check fails with :class:`IOFailure`)."""
+        async with self._lock:
+            return await check_image(self, fix, res)
+
+    async def _repair_dirty(self) -> None:
+        """A dirty image (lazy refcounts, not closed cleanly) is repaired at read-write open;
+        QEMU prints the check's lines on stderr meanwhile."""
+        res = CheckResult()
+        try:
+            await check_image(self, FIX_ALL, res)
+        except IOFailure as exc:
+            raise BlockError(f"Could not repair dirty image: {exc}") from exc
+        finally:
+            for line in res.messages:
+                self.log.warning("%s", line)
+        if res.check_errors:
+            raise BlockError("Could not repair dirty image: Input/output error")
+
+    def overlapping_metadata(self, offset: int, length: int, ignore: str | None = None) -> str | None:
+        """The first kind of metadata ``[offset, offset+length)`` overlaps (QEMU's order)."""
+        if length <= 0 or self.overlap_check == "none" and not self.options:
+            return None
+        enabled = set(OVERLAP_TEMPLATE_KINDS[self.overlap_check])
+        for kind in OVERLAP_CHECK_KINDS:
+            value = self.options.get(f"overlap-check.{kind}")
+            if value is not None:
+                (enabled.add if value else enabled.discard)(kind)
+        enabled.discard(ignore or "")
+        end = offset + length
+        cs = self.cluster_size
+        h = self.header
+
+        def hit(start: int, size: int) -> bool:
+            return size > 0 and start < end and offset < start + size
+
+        def any_table(entries: list[int], mask: int) -> bool:
+            return any(e & mask and hit(e & mask, cs) for e in entries)
+
+        refcounts = self.refcounts
+        checks: list[tuple[str, str, Any]] = [
+            ("main-header", "main header", lambda: hit(0, cs)),
+            ("active-l1", "active L1 table",
+             lambda: hit(h.l1_table_offset, h.l1_size * L1E_SIZE)),
+            ("active-l2", "active L2 table", lambda: any_table(self.l1_table, L1E_OFFSET_MASK)),
+            ("refcount-table", "refcount table", lambda: hit(
+                refcounts.refcount_table_offset,
+                len(refcounts.refcount_table) * REFTABLE_ENTRY_SIZE)),
+            ("refcount-block", "refcount block",
+             lambda: any_table(refcounts.refcount_table, REFT_OFFSET_MASK)),
+            ("snapshot-table", "snapshot table",
+             lambda: hit(h.snapshots_offset, self.snapshots_size)),
+            ("inactive-l1", "inactive L1 table", lambda: any(
+                hit(sn.l1_table_offset, sn.l1_size * L1E_SIZE) for sn in self.snapshots)),
+            ("bitmap-directory", "bitmap directory", lambda: h.bitmaps is not None and hit(
+                h.bitmaps.bitmap_directory_offset, h.bitmaps.bitmap_directory_size)),
+        ]
+        for key, name, test in checks:
+            if key in enabled and test():
+                return name
+        return None
+
+    async def _overlap_check(self, offset: int, length: int, ignore: str | None = None) -> None:
+        """Refuse a write over metadata: mark the image corrupt and fail with EIO."""
+        kind = self.overlapping_metadata(offset, length, ignore)
+        if kind is None:
+            return
+        await self._signal_corruption(f"Preventing invalid write on metadata (overlaps with {kind})")
+        raise IOFailure(EIO)
+
+    async def _signal_corruption(self, what: str) -> None:
+        """QEMU's ``qcow2_signal_corruption``: read-write, mark the image corrupt and make the
+        node unusable; read-only, only report it (once)."""
+        if self.read_only:
+            if not self._corruption_reported:
+                self._corruption_reported = True
+                self.log.error("qcow2: Image is corrupt: %s; further non-fatal corruption events "
+                               "will be suppressed", what)
+            return
+        if self._broken:
+            return
+        self.log.error("qcow2: Marking image as corrupt: %s; further corruption events will be "
+                       "suppressed", what)
+        self._broken = True
+        try:
+            await self._set_incompat(self.header.incompatible_features | QCOW2_INCOMPAT_CORRUPT)
+        except IOFailure:
+            pass
+
+    def _check_usable(self) -> None:
+        if self._broken:  # QEMU makes the node unusable after a fatal corruption
+            raise IOFailure(ENOMEDIUM)
 
     # ------------------------------------------------------------------ small helpers
 
@@ -451,7 +591,9 @@ class Qcow2Driver(BlockDriver):
         if not l2_offset:
             return [(0, 0)] * nb
         if l2_offset % self.cluster_size:
-            raise IOFailure(EIO, "qcow2: L2 table offset is not cluster aligned")
+            await self._signal_corruption(
+                f"L2 table offset {l2_offset:#x} unaligned (L1 index: {l1_index})")
+            raise IOFailure(EIO)
         table = await self.l2_cache.get(l2_offset)
         if self.extended_l2:
             words = struct.unpack_from(f">{2 * nb}Q", table, l2_index * L2E_SIZE_EXTENDED)
@@ -525,6 +667,7 @@ class Qcow2Driver(BlockDriver):
         segs.append(_Seg(kind, guest, length, host))
 
     async def preadv(self, offset: int, buf: memoryview, flags: RequestFlags) -> None:
+        self._check_usable()
         pos = 0
         total = len(buf)
         while pos < total:
@@ -566,12 +709,18 @@ class Qcow2Driver(BlockDriver):
         coffset, csize = self._compressed_range(l2_entry)
         raw = bytearray(csize)
         await self._file.preadv(coffset, memoryview(raw))
-        return decompress_cluster(self.header.compression_type, raw, self.cluster_size)
+        try:
+            return decompress_cluster(self.header.compression_type, raw, self.cluster_size)
+        except IOFailure as exc:
+            self.log.debug("%s", exc)
+            raise IOFailure(exc.errno) from exc  # QEMU reports only the errno
 
     # ------------------------------------------------------------------ allocation and writes
 
     async def _write_l1_entry(self, l1_index: int) -> None:
         data = struct.pack(">Q", self.l1_table[l1_index])
+        await self._overlap_check(self.header.l1_table_offset + l1_index * L1E_SIZE, L1E_SIZE,
+                                  "active-l1")
         await self._file.pwritev(self.header.l1_table_offset + l1_index * L1E_SIZE,
                                  memoryview(data))
         await self._file.flush()
@@ -623,9 +772,10 @@ class Qcow2Driver(BlockDriver):
         return bytes(out)
 
     async def pwritev(self, offset: int, buf: memoryview, flags: RequestFlags) -> None:
-        if self.extended_l2:
-            raise IOFailure(ENOTSUP, "qcow2: writing images with extended L2 entries is not "
-                            "supported yet")
+        self._check_usable()
+        if flags & RequestFlags.COMPRESSED:
+            await self._write_compressed(offset, buf)
+            return
         pos = 0
         total = len(buf)
         async with self._lock:
@@ -635,8 +785,54 @@ class Qcow2Driver(BlockDriver):
                 l1_index, l2_index, nb = self._split(cur, total - pos)
                 chunk = min(total - pos,
                             ((cur >> self.cluster_bits) + nb) * self.cluster_size - cur)
-                await self._write_slice(cur, buf[pos : pos + chunk], l1_index, l2_index, nb)
+                if self.extended_l2:
+                    await write_slice_ext(self, cur, buf[pos : pos + chunk], l1_index,
+                                          l2_index, nb)
+                else:
+                    await self._write_slice(cur, buf[pos : pos + chunk], l1_index, l2_index,
+                                            nb)
                 pos += chunk
+
+    async def _write_compressed(self, offset: int, buf: memoryview) -> None:
+        """``write -c``: whole clusters (or the disk's last, partial one), one at a time."""
+        cs = self.cluster_size
+        if offset & (cs - 1):
+            raise IOFailure(EINVAL, "qcow2: compressed writes must be cluster aligned")
+        pos = 0
+        while pos < len(buf):
+            n = min(cs, len(buf) - pos)
+            if n < cs and offset + pos + n != self.header.size:
+                raise IOFailure(EINVAL, "qcow2: compressed writes must cover whole clusters")
+            await self._write_compressed_cluster(offset + pos, buf[pos : pos + n])
+            pos += n
+
+    async def _write_compressed_cluster(self, offset: int, data: memoryview) -> None:
+        cs = self.cluster_size
+        padded = bytes(data) if len(data) == cs else bytes(data) + bytes(cs - len(data))
+        # Compressing needs no lock; QEMU stores the cluster plainly when it would not shrink.
+        out = compress_cluster(self.header.compression_type, padded)
+        if out is None:
+            await self.pwritev(offset, data, RequestFlags.NONE)
+            return
+        async with self._lock:
+            self._discard_type = "other"
+            l1_index, l2_index, _ = self._split(offset, cs)
+            [(entry, _bitmap)] = await self._l2_entries(l1_index, l2_index, 1)
+            if entry & L2E_OFFSET_MASK:
+                # As QEMU: compression never overwrites an allocated cluster.
+                raise IOFailure(EIO)
+            l2_offset = await self._get_l2_for_write(l1_index)
+            host = await self.refcounts.alloc_bytes(len(out))
+            nb_csectors = ((host + len(out) - 1) >> 9) - (host >> 9)
+            new_entry = host | QCOW_OFLAG_COMPRESSED | (nb_csectors << self.csize_shift)
+            await self._file.pwritev(host, memoryview(out))
+            await self._l2_depends_on_refcounts()
+            table = await self.l2_cache.get(l2_offset)
+            if self.extended_l2:
+                struct.pack_into(">QQ", table, l2_index * L2E_SIZE_EXTENDED, new_entry, 0)
+            else:
+                struct.pack_into(">Q", table, l2_index * L2E_SIZE_NORMAL, new_entry)
+            self.l2_cache.mark_dirty(l2_offset)
 
     async def _write_slice(self, offset: int, data: memoryview, l1_index: int, l2_index: int,
                            nb: int) -> None:
@@ -670,11 +866,12 @@ class Qcow2Driver(BlockDriver):
             lo = max(run_start, offset)
             hi = min(run_end, end)
             piece = data[lo - offset : hi - offset]
+            if kind == "new":
+                host = await self.refcounts.alloc_clusters(count * cs)
+            await self._overlap_check(host, count * cs)
             if kind == "inplace":
                 await self._file.pwritev(host + (lo - run_start), piece)
                 continue
-            if kind == "new":
-                host = await self.refcounts.alloc_clusters(count * cs)
             cow = False
             if lo > run_start:
                 head = await self._read_old(run_start, entries[first], run_start, lo)
@@ -718,6 +915,7 @@ class Qcow2Driver(BlockDriver):
         return True
 
     async def pwrite_zeroes(self, offset: int, length: int, flags: RequestFlags) -> None:
+        self._check_usable()
         cs = self.cluster_size
         async with self._lock:
             head = offset & (cs - 1)
@@ -806,6 +1004,9 @@ class Qcow2Driver(BlockDriver):
                 self._discard_type = "other"
 
     async def _discard_slice(self, l1_index: int, l2_index: int, nb: int) -> None:
+        if self.extended_l2:
+            await discard_slice_ext(self, l1_index, l2_index, nb)
+            return
         entries = [e for e, _ in await self._l2_entries(l1_index, l2_index, nb)]
         has_backing = self.backing is not None
         zero = QCOW_OFLAG_ZERO if self.header.version >= 3 else 0

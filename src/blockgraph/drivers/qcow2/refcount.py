@@ -85,6 +85,8 @@ class Refcounts:
         self.refcount_table_offset = refcount_table_offset
         self.refcount_table = refcount_table
         self.free_cluster_index = 0
+        # Where the next compressed cluster may start (inside a partly used host cluster); 0 = none.
+        self.free_byte_offset = 0
         # Called with (offset, length) of host ranges whose refcount dropped to 0.
         self.on_free: Callable[[int, int], None] | None = None
         # The L2 cache, set by the driver: decrements depend on it.
@@ -138,6 +140,37 @@ class Refcounts:
 
     async def free_clusters(self, offset: int, size: int) -> None:
         await self.update_refcount(offset, size, -1)
+
+    async def alloc_bytes(self, size: int) -> int:
+        """Allocate ``size`` (< one cluster) bytes for compressed data, packed back to back.
+
+        Compressed clusters share host clusters: each one adds 1 to the refcount of every host
+        cluster its bytes touch. The next allocation continues where this one ended, in the
+        same cluster or spilling into the following one when that one is free.
+        """
+        cs = self.cluster_size
+        offset = self.free_byte_offset
+        if offset and await self.get_refcount(offset >> self.cluster_bits) >= self.refcount_max:
+            offset = 0
+        free_in_cluster = cs - (offset & (cs - 1)) if offset else 0
+        while True:
+            if not offset or free_in_cluster < size:
+                new_cluster = (await self._alloc_clusters_noref(1))
+                if not offset or -(-offset // cs) * cs != new_cluster:
+                    offset = new_cluster
+                    free_in_cluster = cs
+                else:
+                    free_in_cluster += cs
+            try:
+                await self.update_refcount(offset, size, 1)
+            except RefcountAgain:
+                # A refcount block took the cluster we meant: start a fresh one.
+                offset = 0
+                continue
+            break
+        end = offset + size
+        self.free_byte_offset = end if end & (cs - 1) else 0
+        return offset
 
     async def update_refcount(self, offset: int, length: int, addend: int) -> None:
         """Add ``addend`` to the refcount of every cluster touched by ``[offset, offset+length)``.
@@ -193,6 +226,8 @@ class Refcounts:
             raise
 
     def _freed(self, start: int, end: int) -> None:
+        if start <= self.free_byte_offset >> self.cluster_bits < end:
+            self.free_byte_offset = 0  # that cluster may now be allocated to someone else
         if self.on_free is not None:
             self.on_free(start << self.cluster_bits, (end - start) << self.cluster_bits)
             # A freed cluster is reused from the cache only via get_empty; drop stale copies.

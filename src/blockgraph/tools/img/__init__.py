@@ -17,6 +17,18 @@ from blockgraph.tools.img.common import Fail
 COMMANDS: dict[str, str] = {
     "create": "blockgraph.tools.img.create:cmd_create",
     "info": "blockgraph.tools.img.info:cmd_info",
+    "check": "blockgraph.tools.img.check:cmd_check",
+    "snapshot": "blockgraph.tools.img.snapshot:cmd_snapshot",
+    "amend": "blockgraph.tools.img.amend:cmd_amend",
+    "convert": "blockgraph.tools.img.convert:cmd_convert",
+    "compare": "blockgraph.tools.img.compare:cmd_compare",
+    "map": "blockgraph.tools.img.map:cmd_map",
+    "measure": "blockgraph.tools.img.measure:cmd_measure",
+    "commit": "blockgraph.tools.img.commit:cmd_commit",
+    "rebase": "blockgraph.tools.img.rebase:cmd_rebase",
+    "resize": "blockgraph.tools.img.resize:cmd_resize",
+    "dd": "blockgraph.tools.img.dd:cmd_dd",
+    "bench": "blockgraph.tools.img.bench:cmd_bench",
 }
 
 
@@ -33,5 +45,5 @@ def main(prog: str, args: list[str]) -> int:
     try:
         return command(prog, args[1:])
     except Fail as exc:
-        sys.stderr.write("".join(f"{prog}: {line}\n" for line in str(exc).split("\n")))
-        return 1
+        sys.stderr.write("".join(f"{prog}: {line}\n" for line in str(exc).split("\n")) + exc.tail)
+        return exc.code

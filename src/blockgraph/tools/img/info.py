@@ -36,14 +36,23 @@ def _image_info(node: Node) -> dict[str, object]:
     if node.driver_name == "qcow2":
         specific = {k: v for k, v in info.extra.items() if k != "cluster-size"}
         order = ["compat", "compression-type", "lazy-refcounts", "refcount-bits", "corrupt", "extended-l2"]
+        if specific.get("compat") == "0.10":
+            # A v2 header has none of the v3 feature bits: qemu-img leaves them out.
+            order = ["compat", "compression-type", "refcount-bits"]
         data["format-specific"] = {"type": "qcow2",
                                    "data": {k: specific[k] for k in order if k in specific}}
     if info.backing_file:
         full = node.backing.filename if node.backing is not None else info.backing_file
         data["full-backing-filename"] = full
         data["backing-filename"] = info.backing_file
-    data["dirty-flag"] = False
+    data["dirty-flag"] = _dirty(node)
     return data
+
+
+def _dirty(node: Node) -> bool:
+    header = getattr(node.driver, "header", None)
+    incompatible = getattr(header, "incompatible_features", 0)
+    return bool(int(incompatible) & 1)  # QCOW2_INCOMPAT_DIRTY
 
 
 def _human_info(data: dict[str, object]) -> str:

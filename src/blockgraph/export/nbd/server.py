@@ -1,0 +1,368 @@
+"""The asyncio NBD server around :mod:`blockgraph.export.nbd.protocol`.
+
+One connection is one :class:`~blockgraph.export.nbd.protocol.ServerConnection`; this module
+only moves bytes and runs requests. Every export does its I/O through its own
+:class:`~blockgraph.graph.node.BlockBackend` (writeback unless its user asked for writethrough),
+passing ``RequestFlags.FUA`` for FUA requests. Requests of one connection run concurrently (up
+to :data:`MAX_REQUESTS`) and are answered as they complete. A failing connection is closed and
+logged; the server goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from blockgraph.drivers.base import BlockStatusFlags, RequestFlags
+from blockgraph.errors import IOFailure
+from blockgraph.export.nbd import protocol as P
+from blockgraph.export.nbd.status import chain_status, extents
+from blockgraph.graph.node import BlockBackend, Node
+
+log = logging.getLogger(__name__)
+
+# Requests of one connection in flight at once (QEMU's NBD_MAX_REQUESTS... is 16).
+MAX_REQUESTS = 16
+_READ_SIZE = 256 * 1024
+
+
+@dataclass
+class NBDExport:
+    """One export: a name and the BlockBackend its I/O goes through.
+
+    :param allocation_depth: offer the ``qemu:allocation-depth`` meta context (``-A``).
+    """
+
+    name: str
+    backend: BlockBackend
+    description: str = ""
+    read_only: bool = False
+    allocation_depth: bool = False
+
+    @property
+    def root(self) -> Node:
+        root = self.backend.root
+        if root is None:
+            raise IOFailure(errno.ENOMEDIUM)
+        return root
+
+    def size(self) -> int:
+        # QEMU exports whole sectors only.
+        return self.backend.getlength() // 512 * 512
+
+
+class NBDServer:
+    """Serve ``exports`` to any number of connections.
+
+    :param max_connections: clients served at once (qemu-nbd ``-e``); 0 = no limit. Clients
+        beyond it wait until a slot frees. Multi-conn is advertised unless it is 1, as QEMU does.
+    """
+
+    def __init__(self, exports: list[NBDExport], *, max_connections: int = 0) -> None:
+        self.exports = {e.name: e for e in exports}
+        self.max_connections = max_connections
+        self._slots = asyncio.Semaphore(max_connections) if max_connections > 0 else None
+        self._servers: list[asyncio.AbstractServer] = []
+        self._connections: set[asyncio.Task[None]] = set()
+        self._ids = itertools.count(1)
+        self.clients = 0
+        self.served = 0
+        # Called whenever the last connected client went away (qemu-nbd exits then unless
+        # --persistent).
+        self.on_idle: Callable[[], None] | None = None
+
+    # -- catalogue ---------------------------------------------------------------------------
+
+    def info(self, export: NBDExport) -> P.ExportInfo:
+        return P.ExportInfo(
+            name=export.name,
+            size=export.size(),
+            read_only=export.read_only,
+            multi_conn=self.max_connections != 1,
+            description=export.description,
+            allocation_depth=export.allocation_depth,
+        )
+
+    def _lookup(self, name: str) -> P.ExportInfo | None:
+        export = self.exports.get(name)
+        return self.info(export) if export is not None else None
+
+    def _listing(self) -> list[P.ExportInfo]:
+        return [self.info(e) for e in self.exports.values()]
+
+    # -- listening ---------------------------------------------------------------------------
+
+    async def listen_unix(self, path: str) -> None:
+        server = await asyncio.start_unix_server(self._accept, path=path)
+        self._servers.append(server)
+
+    async def listen_tcp(self, host: str | None, port: int) -> None:
+        server = await asyncio.start_server(self._accept, host=host, port=port, reuse_address=True)
+        self._servers.append(server)
+
+    async def listen_socket(self, sock: socket.socket) -> None:
+        """Serve on an already bound and listening socket."""
+        if sock.family == socket.AF_UNIX:
+            server = await asyncio.start_unix_server(self._accept, sock=sock)
+        else:
+            server = await asyncio.start_server(self._accept, sock=sock)
+        self._servers.append(server)
+
+    async def close(self) -> None:
+        """Stop listening and end every connection."""
+        for server in self._servers:
+            server.close()
+        for task in list(self._connections):
+            task.cancel()
+        for task in list(self._connections):
+            with contextlib.suppress(BaseException):
+                await task
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            if self._slots is not None:
+                async with self._slots:
+                    await self._serve(reader, writer)
+            else:
+                await self._serve(reader, writer)
+        finally:
+            self._connections.discard(task)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        number = next(self._ids)
+        self.clients += 1
+        self.served += 1
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client = _Client(self, reader, writer, log.getChild(f"client{number}"))
+        try:
+            await client.run()
+        except Exception:  # one broken connection must never stop the server
+            client.log.exception("connection failed")
+        finally:
+            await client.close()
+            self.clients -= 1
+            if self.clients == 0 and self.on_idle is not None:
+                self.on_idle()
+
+
+class _Client:
+    """One connection: feeds the protocol, runs its requests, writes the replies."""
+
+    def __init__(self, server: NBDServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 logger: logging.Logger) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.log = logger
+        self.conn = P.ServerConnection(lookup=server._lookup, listing=server._listing)
+        self.export: NBDExport | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.broken = False
+
+    def flush(self) -> None:
+        if self.broken or self.writer.is_closing():
+            self.conn.data_to_send()
+            return
+        for buf in self.conn.data_to_send():
+            self.writer.write(buf)
+
+    async def drain(self) -> None:
+        try:
+            await self.writer.drain()
+        except (ConnectionError, OSError):
+            self.broken = True
+
+    async def run(self) -> None:
+        self.flush()
+        await self.drain()
+        while True:
+            event = self.conn.next_event()
+            if isinstance(event, P.NeedData):
+                if len(self.tasks) >= MAX_REQUESTS:
+                    await asyncio.wait(self.tasks, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                self.flush()
+                await self.drain()
+                try:
+                    data = await self.reader.read(_READ_SIZE)
+                except (ConnectionError, OSError):
+                    data = b""
+                self.conn.receive_data(data)
+                continue
+            if isinstance(event, P.TransmissionStarted):
+                self.export = self.server.exports[event.export.name]
+                self.log.debug("transmission on export %r (structured=%s, contexts=%s)",
+                               event.export.name, event.structured, event.contexts)
+            elif isinstance(event, P.Request):
+                task = asyncio.ensure_future(self._request(event))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            elif isinstance(event, P.ConnectionClosed):
+                if event.reason is not None:
+                    self.log.warning("Disconnect client, due to: %s", event.reason)
+                break
+            self.flush()
+            await self.drain()
+        self.flush()
+
+    async def close(self) -> None:
+        if self.tasks:
+            # Outstanding requests finish (and are answered) before the socket closes.
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.flush()
+        await self.drain()
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+    # -- requests -------------------------------------------------------------------------------
+
+    async def _request(self, request: P.Request) -> None:
+        export = self.export
+        assert export is not None
+        try:
+            await COMMAND_HANDLERS[request.command](self, export, request)
+        except IOFailure as exc:
+            self.conn.reply_error(request.cookie, P.errno_to_nbd(exc.errno), _FAILURE_TEXT[request.command])
+        except Exception:
+            self.log.exception("request %d failed", request.command)
+            self.conn.reply_error(request.cookie, P.EIO, _FAILURE_TEXT[request.command])
+        self.flush()
+        await self.drain()
+
+    async def _read(self, export: NBDExport, request: P.Request) -> None:
+        bb = export.backend
+        if request.flags & P.CMD_FLAG_FUA:
+            await bb.flush()
+        buf = memoryview(bytearray(request.length))
+        pieces: list[tuple[int, memoryview | int]] = []
+        if self.conn.structured and not request.flags & P.CMD_FLAG_DF and request.length:
+            # Ranges that read as zeroes go out as hole chunks, without reading them.
+            pos = 0
+            while pos < request.length:
+                try:
+                    status = await chain_status(export.root, request.offset + pos, request.length - pos)
+                except IOFailure as exc:
+                    self.conn.reply_error(request.cookie, P.errno_to_nbd(exc.errno), "unable to check for holes")
+                    return
+                n = min(status.length, request.length - pos)
+                offset = request.offset + pos
+                if status.flags & BlockStatusFlags.ZERO:
+                    if pieces and isinstance(pieces[-1][1], int):
+                        pieces[-1] = (pieces[-1][0], int(pieces[-1][1]) + n)
+                    else:
+                        pieces.append((offset, n))
+                else:
+                    await bb.preadv(offset, buf[pos : pos + n])
+                    last = pieces[-1] if pieces else None
+                    if last is not None and not isinstance(last[1], int):
+                        pieces[-1] = (last[0], buf[last[0] - request.offset : pos + n])
+                    else:
+                        pieces.append((offset, buf[pos : pos + n]))
+                pos += n
+        else:
+            await bb.preadv(request.offset, buf)
+            if request.length:
+                pieces.append((request.offset, buf))
+        self.conn.reply_read(request.cookie, request.offset, pieces)
+
+    async def _write(self, export: NBDExport, request: P.Request) -> None:
+        assert request.data is not None
+        flags = RequestFlags.FUA if request.flags & P.CMD_FLAG_FUA else RequestFlags.NONE
+        await export.backend.pwritev(request.offset, memoryview(request.data), flags)
+        self.conn.reply_ok(request.cookie)
+
+    async def _write_zeroes(self, export: NBDExport, request: P.Request) -> None:
+        flags = RequestFlags.NONE
+        if request.flags & P.CMD_FLAG_FUA:
+            flags |= RequestFlags.FUA
+        if not request.flags & P.CMD_FLAG_NO_HOLE:
+            flags |= RequestFlags.MAY_UNMAP
+        if request.flags & P.CMD_FLAG_FAST_ZERO:
+            flags |= RequestFlags.NO_FALLBACK
+        await export.backend.pwrite_zeroes(request.offset, request.length, flags)
+        self.conn.reply_ok(request.cookie)
+
+    async def _flush(self, export: NBDExport, request: P.Request) -> None:
+        await export.backend.flush()
+        self.conn.reply_ok(request.cookie)
+
+    async def _trim(self, export: NBDExport, request: P.Request) -> None:
+        await export.backend.pdiscard(request.offset, request.length)
+        if request.flags & P.CMD_FLAG_FUA:
+            await export.backend.flush()
+        self.conn.reply_ok(request.cookie)
+
+    async def _cache(self, export: NBDExport, request: P.Request) -> None:
+        # A prefetch: the data is read (errors are reported) and dropped.
+        if request.length:
+            await export.backend.preadv(request.offset, memoryview(bytearray(request.length)))
+        self.conn.reply_ok(request.cookie)
+
+    async def _block_status(self, export: NBDExport, request: P.Request) -> None:
+        limit = 1 if request.flags & P.CMD_FLAG_REQ_ONE else P.MAX_BLOCK_STATUS_EXTENTS
+        answers = []
+        for context_id, name in self.conn.contexts:
+            try:
+                found = await extents(export.root, request.offset, request.length, name, limit)
+            except IOFailure as exc:
+                self.conn.reply_error(request.cookie, P.errno_to_nbd(exc.errno), "can't get block status")
+                return
+            answers.append((context_id, found))
+        self.conn.reply_block_status(request.cookie, answers)
+
+
+COMMAND_HANDLERS = {
+    P.CMD_READ: _Client._read,
+    P.CMD_WRITE: _Client._write,
+    P.CMD_WRITE_ZEROES: _Client._write_zeroes,
+    P.CMD_FLUSH: _Client._flush,
+    P.CMD_TRIM: _Client._trim,
+    P.CMD_CACHE: _Client._cache,
+    P.CMD_BLOCK_STATUS: _Client._block_status,
+}
+
+# QEMU's texts for a command that failed in the block layer.
+_FAILURE_TEXT = {
+    P.CMD_READ: "reading from file failed",
+    P.CMD_WRITE: "writing to file failed",
+    P.CMD_WRITE_ZEROES: "writing to file failed",
+    P.CMD_FLUSH: "flush failed",
+    P.CMD_TRIM: "discard failed",
+    P.CMD_CACHE: "reading from file failed",
+    P.CMD_BLOCK_STATUS: "can't get block status",
+}
+
+
+def unix_listener(path: str) -> socket.socket:
+    """A listening unix socket at ``path`` (replacing a stale socket file)."""
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.exists(path) and not os.path.isdir(path):
+            import stat
+
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock

@@ -1,0 +1,94 @@
+"""Allocation as an NBD export reports it: block status down the whole backing chain.
+
+QEMU's server asks ``bdrv_block_status_above(bs, NULL)``: a region the top node does not
+allocate is looked up in its backing node, and so on down the chain; the answer says whether
+the data reads as zeroes and at which depth it is allocated. The graph's per-node
+``block_status`` answers for one node only, so the walk down ``Node.backing`` is done here,
+from public node attributes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from blockgraph.drivers.base import BlockStatusFlags
+from blockgraph.export.nbd.protocol import MAX_BLOCK_STATUS_EXTENTS, STATE_HOLE, STATE_ZERO
+from blockgraph.graph.node import Node
+
+_ALLOCATED = BlockStatusFlags.DATA | BlockStatusFlags.ZERO | BlockStatusFlags.ALLOCATED
+_EXTENT_MAX = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class ChainStatus:
+    """``length`` bytes that share one status.
+
+    :param depth: 1 for the top node, 2 for its backing node, ...; 0 if no layer allocates them.
+    """
+
+    flags: BlockStatusFlags
+    length: int
+    depth: int
+
+    @property
+    def nbd_allocation(self) -> int:
+        """The ``base:allocation`` flags: HOLE unless data, ZERO if it reads as zeroes."""
+        return (0 if self.flags & BlockStatusFlags.DATA else STATE_HOLE) | (
+            STATE_ZERO if self.flags & BlockStatusFlags.ZERO else 0
+        )
+
+
+async def chain_status(top: Node, offset: int, length: int) -> ChainStatus:
+    """The status of the bytes at ``offset`` seen through ``top``'s backing chain.
+
+    ``length`` must be positive and the range inside ``top``.
+    """
+    status = await top.block_status(offset, length)
+    if status.length == 0:
+        return ChainStatus(BlockStatusFlags.ZERO, length, 0)
+    if status.flags & _ALLOCATED:
+        return ChainStatus(status.flags & ~BlockStatusFlags.EOF, status.length, 1)
+    length = status.length
+    depth = 1
+    node = top
+    while True:
+        if not node.driver.supports_backing:
+            return ChainStatus(status.flags, length, 0)
+        backing = node.backing
+        if backing is None:
+            # Unallocated with no backing file: reads as zeroes.
+            return ChainStatus(BlockStatusFlags.ZERO, length, 0)
+        node = backing
+        depth += 1
+        status = await node.block_status(offset, length)
+        if status.length == 0:
+            # The backing file is shorter: what lies past its end reads as zeroes, and counts
+            # as allocated at its depth.
+            return ChainStatus(BlockStatusFlags.ZERO | BlockStatusFlags.ALLOCATED, length, depth)
+        if status.flags & _ALLOCATED:
+            return ChainStatus(status.flags & ~BlockStatusFlags.EOF, status.length, depth)
+        length = status.length
+
+
+async def extents(top: Node, offset: int, length: int, context: str, max_extents: int = MAX_BLOCK_STATUS_EXTENTS,
+                  ) -> list[tuple[int, int]]:
+    """The (length, flags) extents of one meta context over the range, merged as QEMU does.
+
+    ``context`` is ``base:allocation`` or ``qemu:allocation-depth``. Adjacent extents with the
+    same flags merge (while their length fits in 32 bits); at most ``max_extents`` are made.
+    """
+    out: list[tuple[int, int]] = []
+    depth_context = context == "qemu:allocation-depth"
+    while length > 0:
+        status = await chain_status(top, offset, length)
+        n = min(status.length, length)
+        flags = status.depth if depth_context else status.nbd_allocation
+        if out and out[-1][1] == flags and out[-1][0] + n <= _EXTENT_MAX:
+            out[-1] = (out[-1][0] + n, flags)
+        elif len(out) >= max_extents:
+            break
+        else:
+            out.append((n, flags))
+        offset += n
+        length -= n
+    return out

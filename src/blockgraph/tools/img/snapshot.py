@@ -1,0 +1,76 @@
+"""``img snapshot``: list, create, apply and delete internal snapshots."""
+
+from __future__ import annotations
+
+import getopt
+import sys
+
+from blockgraph.drivers.qcow2.snapshot import snapshot_list_text
+from blockgraph.errors import BlockError, IOFailure
+from blockgraph.graph.layer import BlockLayer
+from blockgraph.tools.img.common import Fail as _Fail
+
+_ACTIONS = {"-l": "list", "-a": "apply", "-c": "create", "-d": "delete"}
+_VERBS = {"apply": "apply", "create": "create", "delete": "delete"}
+
+
+def cmd_snapshot(prog: str, args: list[str]) -> int:
+    try:
+        opts, rest = getopt.gnu_getopt(args, "la:c:d:f:hqU",
+                                       ["object=", "image-opts", "force-share", "help"])
+    except getopt.GetoptError as exc:
+        raise _Fail(exc.msg) from None
+    fmt: str | None = None
+    action: str | None = None
+    name = ""
+    force_share = False
+    for flag, value in opts:
+        if flag in _ACTIONS:
+            if action is not None:
+                sys.stderr.write(f"{prog}: Cannot mix '-l', '-a', '-c', '-d'\n"
+                                 f"Try '{prog} --help' for more information\n")
+                return 1
+            action = _ACTIONS[flag]
+            name = value
+        elif flag == "-f":
+            fmt = value
+        elif flag in ("-U", "--force-share"):
+            force_share = True
+    if len(rest) != 1:
+        raise _Fail("Expecting one image file name")
+    filename = rest[0]
+    if action is None:
+        return 0
+    layer = BlockLayer()
+    try:
+        options: dict[str, object] = {"read-only": action == "list"}
+        if fmt:
+            options["driver"] = fmt
+        if force_share:
+            options["force-share"] = True
+        try:
+            node = layer.run(layer.open_node(filename, options))
+        except BlockError as exc:
+            raise _Fail(f"Could not open '{filename}': {exc}") from None
+        drv = node.driver
+        from blockgraph.drivers.qcow2.driver import Qcow2Driver
+
+        if action == "list":
+            if isinstance(drv, Qcow2Driver):
+                sys.stdout.write(snapshot_list_text(drv.snapshot_list()))
+            return 0
+        if not isinstance(drv, Qcow2Driver):
+            raise _Fail(f"Could not {_VERBS[action]} snapshot '{name}': -95 (Operation not "
+                        "supported)")
+        try:
+            if action == "create":
+                layer.run(drv.snapshot_create(name))
+            elif action == "apply":
+                layer.run(drv.snapshot_goto(name))
+            else:
+                layer.run(drv.snapshot_delete(None, name))
+        except (BlockError, IOFailure) as exc:
+            raise _Fail(f"Could not {_VERBS[action]} snapshot '{name}': {exc}") from None
+    finally:
+        layer.close()
+    return 0
