@@ -16,6 +16,7 @@ _DRIVER_TABLE: dict[str, str] = {
     "blkdebug": "blockgraph.drivers.blkdebug:BlkdebugDriver",
     "null-co": "blockgraph.drivers.null:NullCoDriver",
     "null-aio": "blockgraph.drivers.null:NullAioDriver",
+    "nbd": "blockgraph.drivers.nbd.driver:NbdDriver",
 }
 
 

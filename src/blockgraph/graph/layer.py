@@ -140,6 +140,19 @@ class BlockLayer:
         # (real path, read-only) of the image files whose format nodes are opening right now:
         # a backing file naming one of them would make the chain endless.
         self._opening_images: list[tuple[str, bool]] = []
+        # Event sink: monitors subscribe here; the graph never imports them.
+        self.event_listeners: list[Callable[[str, dict[str, object]], None]] = []
+        # The VM run state an I/O error with the ``stop`` policy changes (QEMU's RunState).
+        self.run_state = "running"
+
+    def emit_event(self, name: str, data: dict[str, object]) -> None:
+        """Hand event ``name`` to every subscriber (QMP monitors)."""
+        for listener in list(self.event_listeners):
+            listener(name, data)
+
+    @property
+    def vm_running(self) -> bool:
+        return self.run_state == "running"
 
     # -- sync facade ------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -182,6 +183,13 @@ class Node(IONode):
             options[c.name] = c.node.full_open_options()
         return options
 
+    def write_threshold_exceeded(self, end: int) -> None:
+        threshold = self.write_threshold
+        self.write_threshold = 0
+        self.layer.emit_event("BLOCK_WRITE_THRESHOLD", {
+            "node-name": self.node_name, "amount-exceeded": end - threshold,
+            "write-threshold": threshold})
+
     def backing_chain_depth(self) -> int:
         depth = 0
         node = self.backing
@@ -229,6 +237,50 @@ class BlockBackend:
     throttle_group: str = ""
     # The open flags a new medium gets (``change``), remembered from the drive's options.
     root_flags: NodeFlags = field(default_factory=NodeFlags)
+    # I/O status: only a guest device enables it (QEMU's blk_iostatus_enable); without one,
+    # query-block has no ``io-status``.
+    iostatus_enabled: bool = False
+    iostatus: str = "ok"
+
+    def error_action(self, is_read: bool, error: int) -> str:
+        """The rerror/werror policy's answer to a failed request (``blk_get_error_action``).
+
+        :return: ``ignore``, ``report`` or ``stop``.
+        """
+        policy = self.rerror if is_read else self.werror
+        if policy == "enospc":
+            return "stop" if error == errno.ENOSPC else "report"
+        return policy
+
+    def handle_io_error(self, is_read: bool, error: int) -> str:
+        """What a device does with a failed request: apply the policy, emit ``BLOCK_IO_ERROR``.
+
+        With ``stop`` the I/O status records the failure (if enabled) and the VM stops
+        (run state ``io-error``, event ``STOP``). qemu-io and exports never come here, as in
+        QEMU: their errors go to their caller.
+
+        :return: the action taken.
+        """
+        action = self.error_action(is_read, error)
+        if action == "stop" and self.iostatus_enabled and self.iostatus == "ok":
+            self.iostatus = "nospace" if error == errno.ENOSPC else "failed"
+        data: dict[str, object] = {"device": self.name}
+        if self.root is not None:
+            data["node-name"] = self.root.node_name
+        data["operation"] = "read" if is_read else "write"
+        data["action"] = action
+        if self.iostatus_enabled:
+            data["nospace"] = error == errno.ENOSPC
+        data["reason"] = os.strerror(error)
+        self.layer.emit_event("BLOCK_IO_ERROR", data)
+        if action == "stop" and self.layer.vm_running:
+            self.layer.run_state = "io-error"
+            self.layer.emit_event("STOP", {})
+        return action
+
+    def iostatus_reset(self) -> None:
+        """``cont`` / ``block_job_resume``: the error is forgotten."""
+        self.iostatus = "ok"
 
     def attach(self, node: Node | None) -> None:
         """Make ``node`` the root (or eject with None). The write cache mode stays with us."""

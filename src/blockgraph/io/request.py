@@ -25,6 +25,7 @@ from blockgraph.drivers.base import (
     RequestFlags,
 )
 from blockgraph.errors import IOFailure
+from blockgraph.io.bitmap import DirtyBitmap
 
 # Bounce buffers for zero writes that the driver cannot do natively are written in pieces of
 # this size, so a huge write_zeroes does not allocate a huge buffer.
@@ -74,6 +75,11 @@ class IONode:
         # blkdebug listens to the request layer's events (QEMU's bdrv_debug_event); looked up
         # once so that other drivers pay nothing per request.
         self._debug_event: Callable[[str], Awaitable[None]] | None = getattr(driver, "debug_event", None)
+        # The node's dirty bitmaps; a driver that persists bitmaps (qcow2) shares its list.
+        shared = getattr(driver, "dirty_bitmaps", None)
+        self.dirty_bitmaps: list[DirtyBitmap] = shared if isinstance(shared, list) else []
+        # block-set-write-threshold: 0 = off; one-shot, checked before a write or discard.
+        self.write_threshold = 0
 
     # -- graph hooks -----------------------------------------------------------------------
 
@@ -171,6 +177,8 @@ class IONode:
         head = offset % align
         end = offset + length
         tail = -end % align
+        if self.write_threshold and end + tail > self.write_threshold:
+            self.write_threshold_exceeded(end + tail)
         native = flags & self.driver.supported_write_flags
         if self._debug_event is not None:
             await self._debug_event("pwritev")
@@ -183,6 +191,7 @@ class IONode:
                     self._end(tracked)
             else:
                 await self._pwritev_unaligned(offset, buf, head, tail, native)
+            self._mark_dirty(offset, length)
         if self._debug_event is not None:
             await self._debug_event("pwritev_done")
         await self._emulate_fua(flags)
@@ -206,6 +215,18 @@ class IONode:
         finally:
             self._end(tracked)
 
+    def write_threshold_exceeded(self, end: int) -> None:
+        """A write or discard up to ``end`` passed the threshold: disarm it (one-shot).
+
+        The graph's node overrides this to emit ``BLOCK_WRITE_THRESHOLD``.
+        """
+        self.write_threshold = 0
+
+    def _mark_dirty(self, offset: int, length: int) -> None:
+        # After a write that reached the driver (QEMU's bdrv_co_write_req_finish).
+        for bitmap in self.dirty_bitmaps:
+            bitmap.mark(offset, length)
+
     async def _emulate_fua(self, flags: RequestFlags) -> None:
         # A driver without native FUA gets the same guarantee from a flush after the write.
         if flags & RequestFlags.FUA and not self.driver.supported_write_flags & RequestFlags.FUA:
@@ -220,6 +241,8 @@ class IONode:
             return
         if not self.flags.discard_unmap:
             flags &= ~RequestFlags.MAY_UNMAP
+        if self.write_threshold and offset + length > self.write_threshold:
+            self.write_threshold_exceeded(offset + length)
         if self._debug_event is not None:
             await self._debug_event("pwritev_zero")
         align = self.driver.request_alignment
@@ -228,6 +251,7 @@ class IONode:
             try:
                 native = flags & ~RequestFlags.FUA | flags & self.driver.supported_write_flags
                 await self.driver.pwrite_zeroes(offset, length, native)
+                self._mark_dirty(offset, length)
                 await self._emulate_fua(flags)
                 return
             except IOFailure as exc:
@@ -252,15 +276,20 @@ class IONode:
         self.stats.discard_operations += 1
         if not self.flags.discard_unmap or not length:
             return
+        if self.write_threshold and offset + length > self.write_threshold:
+            self.write_threshold_exceeded(offset + length)
         align = self.driver.request_alignment
         start = -(-offset // align) * align
         end = (offset + length) // align * align
         if end > start:
             await self.driver.pdiscard(start, end - start)
+            self._mark_dirty(start, end - start)
 
     async def truncate(self, length: int) -> None:
         self._check_writable()
         await self.driver.truncate(length)
+        for bitmap in self.dirty_bitmaps:
+            bitmap.resize(self.getlength())
 
     # -- flush ------------------------------------------------------------------------------
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from blockgraph.graph.query import ImageInfo
 
 # qcow2's format-specific keys in the order QEMU prints them.
-_QCOW2_ORDER = ("compat", "compression-type", "lazy-refcounts", "refcount-bits", "corrupt",
-                "extended-l2")
+_QCOW2_ORDER = ("compat", "compression-type", "lazy-refcounts", "bitmaps", "refcount-bits",
+                "corrupt", "extended-l2")
 
 
 _SIZE_PREFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
@@ -22,6 +22,26 @@ def _value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+def specific_lines(key: str, value: object, indent: int) -> list[str]:
+    """One format-specific member as QEMU's human printer shows it: lists as ``[i]:``
+    items, dicts as nested keys, each level four spaces deeper."""
+    pad = " " * indent
+    if isinstance(value, list):
+        lines = [f"{pad}{key}:"]
+        for i, item in enumerate(value):
+            if isinstance(item, (list, dict)):
+                lines += specific_lines(f"[{i}]", item, indent + 4)
+            else:
+                lines.append(f"{pad}    [{i}]: {_value(item)}")
+        return lines
+    if isinstance(value, dict):
+        lines = [f"{pad}{key}:"]
+        for k, v in value.items():
+            lines += specific_lines(k.replace("-", " ") if not k.startswith("[") else k, v, indent + 4)
+        return lines
+    return [f"{pad}{key}: {_value(value)}"]
 
 
 def format_image_info(info: ImageInfo) -> str:
@@ -45,7 +65,7 @@ def format_image_info(info: ImageInfo) -> str:
         keys = [k for k in _QCOW2_ORDER if k in info.format_specific]
         keys += [k for k in info.format_specific if k not in keys]
         for key in keys:
-            lines.append(f"    {key.replace('-', ' ')}: {_value(info.format_specific[key])}")
+            lines += specific_lines(key.replace("-", " "), info.format_specific[key], 4)
     return "".join(line + "\n" for line in lines)
 
 

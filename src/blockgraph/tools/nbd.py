@@ -379,12 +379,18 @@ def _setup(prog: str, s: _Settings, filename: str, layer: BlockLayer) -> tuple[N
     if s.load_snapshot is not None:
         raise _Exit(f"Failed to load snapshot: Block format '{root.driver_name}' used by device '' "
                     "does not support temporarily loading internal snapshots")
-    for bitmap in s.bitmaps:
-        raise _Exit(f"Bitmap '{bitmap}' is not found")
+    from blockgraph.export.nbd.status import find_bitmap
+
+    for name in s.bitmaps:
+        bitmap = find_bitmap(root, name)
+        if bitmap is None:
+            raise _Exit(f"Bitmap '{name}' is not found")
+        if bitmap.inconsistent:
+            raise _Exit(f"Bitmap '{name}' is inconsistent and cannot be used")
     if s.offset is not None:
         raise _Exit("-o/--offset is not supported yet")
     export = NBDExport(s.name, bb, description=s.description, read_only=s.read_only,
-                       allocation_depth=s.allocation_depth)
+                       allocation_depth=s.allocation_depth, bitmaps=list(s.bitmaps))
     return export, _listen(s)
 
 

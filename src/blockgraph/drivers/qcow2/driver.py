@@ -22,6 +22,7 @@ kept, and :attr:`Qcow2Driver.overlap_check` is stored for the overlap-check hook
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
 import struct
@@ -40,12 +41,14 @@ from blockgraph.drivers.base import (
     OpenContext,
     RequestFlags,
 )
+from blockgraph.drivers.qcow2.bitmaps import Qcow2Bitmaps
 from blockgraph.drivers.qcow2.check import FIX_ALL, CheckResult, check_image
 from blockgraph.drivers.qcow2.compress import compress_cluster, decompress_cluster
 from blockgraph.drivers.qcow2.header import (
     COMPRESSION_TYPE_NAMES,
     HEADER_OFFSET_AUTOCLEAR,
     HEADER_OFFSET_INCOMPAT,
+    QCOW2_AUTOCLEAR_BITMAPS,
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,
     QCOW2_COMPAT_LAZY_REFCOUNTS,
     QCOW2_INCOMPAT_CORRUPT,
@@ -77,6 +80,7 @@ from blockgraph.drivers.qcow2.tables import (
     cluster_type,
 )
 from blockgraph.errors import EINVAL, EIO, ENOMEDIUM, ENOTSUP, BlockError, IOFailure
+from blockgraph.io.bitmap import DirtyBitmap
 from blockgraph.options.schema import OptionSpec, OptType, opt
 
 log = logging.getLogger(__name__)
@@ -176,6 +180,8 @@ class Qcow2Driver(BlockDriver):
         self.options: dict[str, Any] = {}
         self.read_only = False
         self._pending_read_only = False
+        # Overlap check: id(table) -> (copy of the table, its sorted metadata offsets).
+        self._overlap_tables: dict[int, tuple[list[int], list[int]]] = {}
         self._lock = asyncio.Lock()
         self.l1_table: list[int] = []
         self.lazy_refcounts = False
@@ -192,6 +198,9 @@ class Qcow2Driver(BlockDriver):
         self._corruption_reported = False
         self.snapshots: list[Snapshot] = []
         self.snapshots_size = 0  # bytes of the snapshot table on disk
+        # Shared with the node's request layer, which marks the enabled ones on every write.
+        self.dirty_bitmaps: list[DirtyBitmap] = []
+        self.persistent_bitmaps = Qcow2Bitmaps(self)
 
     # ------------------------------------------------------------------ probing and opening
 
@@ -265,16 +274,20 @@ class Qcow2Driver(BlockDriver):
         self.l2_cache.pre_write = lambda o, n: self._overlap_check(o, n, "active-l2")
         self.refcount_cache.pre_write = lambda o, n: self._overlap_check(o, n, "refcount-block")
 
+        await self.persistent_bitmaps.load()
         if not self.read_only:
             # Autoclear bits this implementation does not maintain must go before any write:
-            # that tells other readers that e.g. the persistent bitmaps may be stale now.
-            keep = h.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW
+            # that tells other readers that e.g. unknown extensions may be stale now. The
+            # bitmaps bit stays: the bitmaps are kept consistent (in_use while open).
+            keep = h.autoclear_features & (QCOW2_AUTOCLEAR_DATA_FILE_RAW | QCOW2_AUTOCLEAR_BITMAPS)
             if h.version >= 3 and h.autoclear_features != keep:
                 h.autoclear_features = keep
                 await file.pwritev(HEADER_OFFSET_AUTOCLEAR, memoryview(struct.pack(">Q", keep)))
                 await file.flush()
             if h.incompatible_features & QCOW2_INCOMPAT_DIRTY and not checking:
                 await self._repair_dirty()
+            if not checking:
+                await self.persistent_bitmaps.mark_in_use()
 
         if h.backing_file is not None or ctx.has_child_options("backing"):
             if not ctx.flags.no_backing:
@@ -406,6 +419,7 @@ class Qcow2Driver(BlockDriver):
         if self.file is None or self.read_only or self._broken or not hasattr(self, "refcounts"):
             return  # never opened far enough to have metadata caches, or unusable
         async with self._lock:
+            await self.persistent_bitmaps.store()
             await self._write_caches()
             await self.file.flush()
             if self.header.incompatible_features & QCOW2_INCOMPAT_DIRTY:
@@ -452,7 +466,15 @@ class Qcow2Driver(BlockDriver):
             return size > 0 and start < end and offset < start + size
 
         def any_table(entries: list[int], mask: int) -> bool:
-            return any(e & mask and hit(e & mask, cs) for e in entries)
+            # Per write this must not walk the table in Python: the sorted offsets are cached
+            # and revalidated by a C-speed list comparison.
+            cached = self._overlap_tables.get(id(entries))
+            if cached is None or cached[0] != entries:
+                cached = (list(entries), sorted({e & mask for e in entries if e & mask}))
+                self._overlap_tables[id(entries)] = cached
+            offsets = cached[1]
+            i = bisect.bisect_left(offsets, offset - cs + 1)
+            return i < len(offsets) and offsets[i] < end
 
         refcounts = self.refcounts
         checks: list[tuple[str, str, Any]] = [
@@ -543,6 +565,10 @@ class Qcow2Driver(BlockDriver):
         }
         if h.version >= 3:
             extra["lazy-refcounts"] = bool(h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS)
+        bitmaps = [b for b in self.dirty_bitmaps if b.persistent]
+        if bitmaps:
+            extra["bitmaps"] = [{"flags": b.info_flags(), "name": b.name,
+                                 "granularity": b.granularity} for b in bitmaps]
         return DriverInfo(backing_file=h.backing_file, backing_format=h.backing_format,
                           encrypted=h.crypt_method != QCOW_CRYPT_NONE, extra=extra)
 
@@ -1050,14 +1076,22 @@ class Qcow2Driver(BlockDriver):
         chunk = min(length, ((offset >> self.cluster_bits) + nb) * self.cluster_size - offset)
         async with self._lock:
             entries = await self._l2_entries(l1_index, l2_index, nb)
-        segs = self._segments(offset, chunk, entries)
-        first = segs[0]
-        n = first.length
-        # "data"/"zeroalloc" runs are already merged where host offsets are contiguous.
-        for seg in segs[1:]:
-            if seg.kind != first.kind or seg.kind in ("data", "zeroalloc"):
+        # Only the first run is answered: classify a growing prefix of the table until that run
+        # ends inside it, rather than the whole table on every call.
+        probe = min(nb, 64)
+        while True:
+            part = min(chunk, probe * self.cluster_size - (offset & (self.cluster_size - 1)))
+            segs = self._segments(offset, part, entries[:probe])
+            first = segs[0]
+            n = first.length
+            # "data"/"zeroalloc" runs are already merged where host offsets are contiguous.
+            for seg in segs[1:]:
+                if seg.kind != first.kind or seg.kind in ("data", "zeroalloc"):
+                    break
+                n += seg.length
+            if n < part or probe == nb:
                 break
-            n += seg.length
+            probe = min(nb, probe * 8)
         F = BlockStatusFlags
         if first.kind == "data":
             return BlockStatus(F.DATA | F.OFFSET_VALID | F.ALLOCATED, n, first.host_offset,

@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from blockgraph.drivers.base import BlockStatusFlags, RequestFlags
 from blockgraph.errors import IOFailure
@@ -45,6 +45,7 @@ class NBDExport:
     description: str = ""
     read_only: bool = False
     allocation_depth: bool = False
+    bitmaps: list[str] = field(default_factory=list)
 
     @property
     def root(self) -> Node:
@@ -88,6 +89,7 @@ class NBDServer:
             multi_conn=self.max_connections != 1,
             description=export.description,
             allocation_depth=export.allocation_depth,
+            bitmaps=tuple(export.bitmaps),
         )
 
     def _lookup(self, name: str) -> P.ExportInfo | None:

@@ -12,8 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from blockgraph.drivers.base import BlockStatusFlags
-from blockgraph.export.nbd.protocol import MAX_BLOCK_STATUS_EXTENTS, STATE_HOLE, STATE_ZERO
+from blockgraph.export.nbd.protocol import (
+    CONTEXT_DIRTY_BITMAP,
+    MAX_BLOCK_STATUS_EXTENTS,
+    STATE_DIRTY,
+    STATE_HOLE,
+    STATE_ZERO,
+)
 from blockgraph.graph.node import Node
+from blockgraph.io.bitmap import DirtyBitmap
 
 _ALLOCATED = BlockStatusFlags.DATA | BlockStatusFlags.ZERO | BlockStatusFlags.ALLOCATED
 _EXTENT_MAX = 0xFFFFFFFF
@@ -78,6 +85,8 @@ async def extents(top: Node, offset: int, length: int, context: str, max_extents
     same flags merge (while their length fits in 32 bits); at most ``max_extents`` are made.
     """
     out: list[tuple[int, int]] = []
+    if context.startswith(CONTEXT_DIRTY_BITMAP):
+        return bitmap_extents(top, context[len(CONTEXT_DIRTY_BITMAP):], offset, length, max_extents)
     depth_context = context == "qemu:allocation-depth"
     while length > 0:
         status = await chain_status(top, offset, length)
@@ -91,4 +100,41 @@ async def extents(top: Node, offset: int, length: int, context: str, max_extents
             out.append((n, flags))
         offset += n
         length -= n
+    return out
+
+
+def find_bitmap(top: Node, name: str) -> DirtyBitmap | None:
+    """The bitmap ``name`` of ``top`` or of a node below it in its backing chain (as qemu-nbd
+    ``-B`` looks it up)."""
+    node: Node | None = top
+    while node is not None:
+        found = next((b for b in node.dirty_bitmaps if b.name == name), None)
+        if found is not None:
+            return found
+        node = node.backing if node.driver.supports_backing else None
+    return None
+
+
+def bitmap_extents(top: Node, name: str, offset: int, length: int,
+                   max_extents: int = MAX_BLOCK_STATUS_EXTENTS) -> list[tuple[int, int]]:
+    """``qemu:dirty-bitmap:NAME`` extents: ``STATE_DIRTY`` where the bitmap is set, 0 elsewhere,
+    inside the requested range (a bitmap that vanished reads as clean)."""
+    bitmap = find_bitmap(top, name)
+    if bitmap is None:
+        return [(min(length, _EXTENT_MAX), 0)]
+    out: list[tuple[int, int]] = []
+    for _start, n, dirty in bitmap.runs(offset, length):
+        flags = STATE_DIRTY if dirty else 0
+        while n > 0:
+            if out and out[-1][1] == flags and out[-1][0] + n <= _EXTENT_MAX:
+                out[-1] = (out[-1][0] + n, flags)
+                break
+            if len(out) >= max_extents:
+                return out
+            piece = min(n, _EXTENT_MAX // 512 * 512)
+            out.append((piece, flags))
+            n -= piece
+    covered = sum(n for n, _ in out)
+    if covered < length and len(out) < max_extents and offset + covered < top.getlength():
+        out.append((min(length - covered, _EXTENT_MAX), 0))
     return out

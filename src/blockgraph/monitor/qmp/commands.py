@@ -24,8 +24,9 @@ from blockgraph.graph.layer import GENERIC_OPTIONS, BlockLayer
 from blockgraph.graph.node import BlockBackend, Node
 from blockgraph.graph.reopen import reopen
 from blockgraph.graph.snapshot import external_snapshot
+from blockgraph.jobs.job import JobManager
 from blockgraph.monitor.hmp import HMP
-from blockgraph.monitor.qmp import query
+from blockgraph.monitor.qmp import jobcmds, query
 from blockgraph.monitor.qmp.encode import qdict_order
 from blockgraph.monitor.qmp.protocol import version_info
 from blockgraph.options.keyval import flatten
@@ -256,6 +257,12 @@ class QMPMonitor:
     owned: set[str] = field(default_factory=set)
     listeners: list[Callable[[str, dict[str, object] | None], None]] = field(default_factory=list)
     quitting: bool = False
+    jobs: JobManager = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.jobs = JobManager(self.emit)
+        # The graph's events (write threshold, I/O errors) reach every session.
+        self.layer.event_listeners.append(lambda name, data: self.emit(name, data or None))
 
     # -- table ------------------------------------------------------------------------------
 
@@ -335,6 +342,7 @@ async def _query_commands(mon: QMPMonitor, args: dict[str, Any]) -> object:
 async def _quit(mon: QMPMonitor, args: dict[str, Any]) -> object:
     if mon.flavour == "system":
         mon.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+    mon.jobs.shutdown()
     mon.quitting = True
     mon.on_quit()
     return {}
@@ -496,6 +504,17 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("query-commands", (), _query_commands),
     CommandSpec("query-version", (), _query_version),
     CommandSpec("qmp_capabilities", (opt("enable", array(enum("oob"))),), _qmp_capabilities),
+    CommandSpec("query-jobs", (), jobcmds.query_jobs),
+    CommandSpec("job-finalize", (req("id", STR),), jobcmds.job_finalize),
+    CommandSpec("job-dismiss", (req("id", STR),), jobcmds.job_dismiss),
+    CommandSpec("job-complete", (req("id", STR),), jobcmds.job_complete),
+    CommandSpec("job-cancel", (req("id", STR),), jobcmds.job_cancel),
+    CommandSpec("job-resume", (req("id", STR),), jobcmds.job_resume),
+    CommandSpec("job-pause", (req("id", STR),), jobcmds.job_pause),
+    CommandSpec("block-set-write-threshold", (req("node-name", STR), req("write-threshold", INT)),
+                jobcmds.block_set_write_threshold),
+    CommandSpec("blockdev-create", (req("job-id", STR), req("options", OBJECT)),
+                jobcmds.blockdev_create),
     CommandSpec("blockdev-del", (req("node-name", STR),), _blockdev_del),
     CommandSpec("blockdev-reopen", (req("options", _BLOCKDEV_ARRAY),), _blockdev_reopen),
     CommandSpec("blockdev-add", (), _blockdev_add, boxed=BLOCKDEV_OPTIONS),

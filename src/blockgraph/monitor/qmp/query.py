@@ -87,7 +87,7 @@ def block_device_info(node: Node, backend: BlockBackend | None = None, *,
         "direct": node.flags.direct,
         "no-flush": node.flags.no_flush,
     }
-    out["write_threshold"] = 0
+    out["write_threshold"] = node.write_threshold
     return out
 
 
@@ -106,6 +106,8 @@ def block_info(backend: BlockBackend) -> dict[str, object]:
     }
     if backend.root is not None:
         out["inserted"] = block_device_info(backend.root, backend)
+    if backend.iostatus_enabled:
+        out["io-status"] = backend.iostatus
     return out
 
 

@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "resize": "blockgraph.tools.img.resize:cmd_resize",
     "dd": "blockgraph.tools.img.dd:cmd_dd",
     "bench": "blockgraph.tools.img.bench:cmd_bench",
+    "bitmap": "blockgraph.tools.img.bitmap:cmd_bitmap",
 }
 
 

@@ -77,7 +77,8 @@ def cmd_create(prog: str, args: list[str]) -> int:
                             "Detected format of qcow2.")
             if not unsafe or size is None:
                 path = backing_file
-                if not os.path.isabs(path) and not path.startswith("json:"):
+                # A name with a protocol prefix (json:, nbd+unix://) is not a path.
+                if not os.path.isabs(path) and ":" not in path.split("/")[0]:
                     path = os.path.join(os.path.dirname(filename), path)
                 try:
                     base = layer.run(layer.open_node(path, {"driver": backing_fmt, "read-only": True}))

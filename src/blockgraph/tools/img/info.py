@@ -10,6 +10,7 @@ import sys
 from blockgraph.errors import BlockError
 from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.node import Node
+from blockgraph.monitor.imageinfo import specific_lines
 from blockgraph.monitor.qemuio import cvtstr
 from blockgraph.tools.img.common import Fail as _Fail
 
@@ -35,7 +36,8 @@ def _image_info(node: Node) -> dict[str, object]:
     data["actual-size"] = _disk_size(node.filename)
     if node.driver_name == "qcow2":
         specific = {k: v for k, v in info.extra.items() if k != "cluster-size"}
-        order = ["compat", "compression-type", "lazy-refcounts", "refcount-bits", "corrupt", "extended-l2"]
+        order = ["compat", "compression-type", "lazy-refcounts", "bitmaps", "refcount-bits", "corrupt",
+                 "extended-l2"]
         if specific.get("compat") == "0.10":
             # A v2 header has none of the v3 feature bits: qemu-img leaves them out.
             order = ["compat", "compression-type", "refcount-bits"]
@@ -72,8 +74,7 @@ def _human_info(data: dict[str, object]) -> str:
     if isinstance(specific, dict):
         lines.append("Format specific information:")
         for key, value in specific["data"].items():
-            text = ("true" if value else "false") if isinstance(value, bool) else str(value)
-            lines.append(f"    {key.replace('-', ' ')}: {text}")
+            lines += specific_lines(key.replace("-", " "), value, 4)
     return "".join(line + "\n" for line in lines)
 
 
