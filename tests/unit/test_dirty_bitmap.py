@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from blockgraph.io.bitmap import DirtyBitmap
+from blockgraph.drivers.bitmap import DirtyBitmap
 
 
 def _model_runs(model: list[bool], g: int, size: int, offset: int, length: int) -> list[tuple[int, int, bool]]:

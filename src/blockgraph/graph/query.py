@@ -49,6 +49,13 @@ def image_info(node: Node, *, chain: bool = False) -> ImageInfo:
     cluster = info.extra.get("cluster-size")
     header_backing = info.backing_file
     backing = node.backing
+    specific = {k: v for k, v in info.extra.items() if k != "cluster-size"}
+    if specific.get("compat") == "0.10":
+        # A v2 header has none of the v3 feature bits: QEMU leaves them out.
+        specific = {k: v for k, v in specific.items()
+                    if k in ("compat", "compression-type", "refcount-bits")}
+    header = getattr(node.driver, "header", None)
+    dirty = bool(int(getattr(header, "incompatible_features", 0)) & 1)  # the qcow2 dirty bit
     result = ImageInfo(
         filename=node.filename,
         format=node.driver_name,
@@ -59,7 +66,8 @@ def image_info(node: Node, *, chain: bool = False) -> ImageInfo:
         full_backing_filename=backing.filename if backing is not None else header_backing,
         backing_filename_format=info.backing_format,
         encrypted=info.encrypted,
-        format_specific={k: v for k, v in info.extra.items() if k != "cluster-size"},
+        dirty_flag=dirty,
+        format_specific=specific,
     )
     if chain and backing is not None:
         result.backing_image = image_info(backing, chain=True)

@@ -24,8 +24,8 @@ from blockgraph.drivers.base import (
     NodeFlags,
     RequestFlags,
 )
+from blockgraph.drivers.bitmap import DirtyBitmap
 from blockgraph.errors import IOFailure
-from blockgraph.io.bitmap import DirtyBitmap
 
 # Bounce buffers for zero writes that the driver cannot do natively are written in pieces of
 # this size, so a huge write_zeroes does not allocate a huge buffer.

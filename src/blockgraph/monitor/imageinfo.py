@@ -69,6 +69,29 @@ def format_image_info(info: ImageInfo) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def image_info_json(info: ImageInfo) -> dict[str, object]:
+    """An ImageInfo as ``qemu-img info --output=json`` prints it (QEMU's member order)."""
+    data: dict[str, object] = {}
+    if info.backing_filename_format:
+        data["backing-filename-format"] = info.backing_filename_format
+    data["virtual-size"] = info.virtual_size
+    data["filename"] = info.filename
+    if info.cluster_size:
+        data["cluster-size"] = info.cluster_size
+    data["format"] = info.format
+    data["actual-size"] = info.actual_size if info.actual_size is not None else 0
+    if info.format_specific:
+        keys = [k for k in _QCOW2_ORDER if k in info.format_specific]
+        keys += [k for k in info.format_specific if k not in keys]
+        data["format-specific"] = {"type": info.format,
+                                   "data": {k: info.format_specific[k] for k in keys}}
+    if info.backing_filename and info.full_backing_filename:
+        data["full-backing-filename"] = info.full_backing_filename
+        data["backing-filename"] = info.backing_filename
+    data["dirty-flag"] = info.dirty_flag
+    return data
+
+
 def format_image_chain(info: ImageInfo) -> str:
     """Every image of a chain, top first, as ``info block -v`` lists them."""
     out: list[str] = []

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from blockgraph.errors import BlockError
 from blockgraph.graph.layer import BlockLayer
+from blockgraph.monitor.qmp import exports
 from blockgraph.monitor.qmp.commands import DRIVERS, QMPMonitor, check_blockdev_options
 from blockgraph.monitor.qmp.server import QMPServer
 from blockgraph.options.keyval import crumple, parse_blockdev, parse_keyval
@@ -47,8 +48,19 @@ QEMU storage daemon
   --daemonize            daemonize the process, and have the parent exit
                          once startup is complete
 
+  --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]
+           [,writable=on|off][,bitmap=<name>]
+                         export the specified block node over NBD
+                         (requires --nbd-server)
+
   --monitor [chardev=]name[,mode=control][,pretty[=on|off]]
                          configure a QMP monitor
+
+  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
+               [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]
+  --nbd-server addr.type=unix,addr.path=<path>
+               [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]
+                         start an NBD server for exporting block nodes
 
   --object help          list object types that can be added
   --object <type>,help   list properties for the given object type
@@ -59,7 +71,6 @@ QEMU storage daemon
 
   --pidfile <path>       write process ID to a file after startup
 
-blockgraph implements the options above; --nbd-server and --export are not available yet.
 """
 
 _OBJECT_TYPES = ("authz-list", "authz-list-file", "authz-simple", "iothread", "main-loop",
@@ -209,15 +220,18 @@ class _Daemon:
             "chardev": self._chardev,
             "monitor": self._monitor,
             "object": self._object,
-            "nbd-server": self._unavailable,
-            "export": self._unavailable,
+            "nbd-server": self._nbd_server,
+            "export": self._export,
         }
         result = handler[option](value)
         if asyncio.iscoroutine(result):
             await result
 
-    def _unavailable(self, value: str) -> None:
-        raise _Fail("this option is not available in blockgraph yet")
+    async def _nbd_server(self, value: str) -> None:
+        await exports.cli_nbd_server(self.monitor, value)
+
+    async def _export(self, value: str) -> None:
+        await exports.cli_export(self.monitor, value)
 
     async def _blockdev(self, value: str) -> None:
         if value.startswith("{"):
@@ -367,6 +381,7 @@ class _Daemon:
         finally:
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
+            await exports.shutdown(self.monitor)
             await self.server.close()
             self.remove_pidfile()
         return 0

@@ -26,13 +26,13 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from blockgraph.drivers.bitmap import DirtyBitmap, valid_granularity
 from blockgraph.drivers.qcow2.header import (
     QCOW2_AUTOCLEAR_BITMAPS,
     BitmapsExt,
     build_header_cluster,
 )
 from blockgraph.errors import BlockError
-from blockgraph.io.bitmap import DirtyBitmap, valid_granularity
 
 if TYPE_CHECKING:
     from blockgraph.drivers.qcow2.driver import Qcow2Driver

@@ -41,6 +41,7 @@ from blockgraph.drivers.base import (
     OpenContext,
     RequestFlags,
 )
+from blockgraph.drivers.bitmap import DirtyBitmap
 from blockgraph.drivers.qcow2.bitmaps import Qcow2Bitmaps
 from blockgraph.drivers.qcow2.check import FIX_ALL, CheckResult, check_image
 from blockgraph.drivers.qcow2.compress import compress_cluster, decompress_cluster
@@ -80,7 +81,6 @@ from blockgraph.drivers.qcow2.tables import (
     cluster_type,
 )
 from blockgraph.errors import EINVAL, EIO, ENOMEDIUM, ENOTSUP, BlockError, IOFailure
-from blockgraph.io.bitmap import DirtyBitmap
 from blockgraph.options.schema import OptionSpec, OptType, opt
 
 log = logging.getLogger(__name__)
@@ -567,8 +567,12 @@ class Qcow2Driver(BlockDriver):
             extra["lazy-refcounts"] = bool(h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS)
         bitmaps = [b for b in self.dirty_bitmaps if b.persistent]
         if bitmaps:
-            extra["bitmaps"] = [{"flags": b.info_flags(), "name": b.name,
-                                 "granularity": b.granularity} for b in bitmaps]
+            # QEMU reports the directory on disk: bitmaps stored there are in_use while the
+            # image is open read-write.
+            stored = self.persistent_bitmaps.stored if not self.read_only else {}
+            extra["bitmaps"] = [{"flags": (["in-use"] if b.name in stored and not b.inconsistent
+                                           else []) + b.info_flags(),
+                                 "name": b.name, "granularity": b.granularity} for b in bitmaps]
         return DriverInfo(backing_file=h.backing_file, backing_format=h.backing_format,
                           encrypted=h.crypt_method != QCOW_CRYPT_NONE, extra=extra)
 

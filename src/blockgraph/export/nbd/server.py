@@ -19,6 +19,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from blockgraph.drivers.base import BlockStatusFlags, RequestFlags
 from blockgraph.errors import IOFailure
@@ -75,6 +76,7 @@ class NBDServer:
         self._ids = itertools.count(1)
         self.clients = 0
         self.served = 0
+        self._active: set[_Client] = set()
         # Called whenever the last connected client went away (qemu-nbd exits then unless
         # --persistent).
         self.on_idle: Callable[[], None] | None = None
@@ -98,6 +100,20 @@ class NBDServer:
 
     def _listing(self) -> list[P.ExportInfo]:
         return [self.info(e) for e in self.exports.values()]
+
+    def users(self, export: NBDExport) -> int:
+        """How many connections are in transmission on ``export``."""
+        return sum(1 for c in self._active if c.export is export)
+
+    def disconnect(self, export: NBDExport) -> list[asyncio.Task[Any]]:
+        """Drop the connections on ``export``; return the tasks that end with them."""
+        tasks: list[asyncio.Task[Any]] = []
+        for c in list(self._active):
+            if c.export is export:
+                c.writer.close()
+                if c.task is not None:
+                    tasks.append(c.task)
+        return tasks
 
     # -- listening ---------------------------------------------------------------------------
 
@@ -152,12 +168,15 @@ class NBDServer:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client = _Client(self, reader, writer, log.getChild(f"client{number}"))
+        client.task = asyncio.current_task()
+        self._active.add(client)
         try:
             await client.run()
         except Exception:  # one broken connection must never stop the server
             client.log.exception("connection failed")
         finally:
             await client.close()
+            self._active.discard(client)
             self.clients -= 1
             if self.clients == 0 and self.on_idle is not None:
                 self.on_idle()
@@ -176,6 +195,7 @@ class _Client:
         self.export: NBDExport | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.broken = False
+        self.task: asyncio.Task[Any] | None = None
 
     def flush(self) -> None:
         if self.broken or self.writer.is_closing():

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from blockgraph.drivers.base import BlockStatusFlags
+from blockgraph.drivers.bitmap import DirtyBitmap
 from blockgraph.export.nbd.protocol import (
     CONTEXT_DIRTY_BITMAP,
     MAX_BLOCK_STATUS_EXTENTS,
@@ -20,7 +21,6 @@ from blockgraph.export.nbd.protocol import (
     STATE_ZERO,
 )
 from blockgraph.graph.node import Node
-from blockgraph.io.bitmap import DirtyBitmap
 
 _ALLOCATED = BlockStatusFlags.DATA | BlockStatusFlags.ZERO | BlockStatusFlags.ALLOCATED
 _EXTENT_MAX = 0xFFFFFFFF

@@ -26,7 +26,7 @@ from blockgraph.graph.reopen import reopen
 from blockgraph.graph.snapshot import external_snapshot
 from blockgraph.jobs.job import JobManager
 from blockgraph.monitor.hmp import HMP
-from blockgraph.monitor.qmp import jobcmds, query
+from blockgraph.monitor.qmp import exports, jobcmds, query
 from blockgraph.monitor.qmp.encode import qdict_order
 from blockgraph.monitor.qmp.protocol import version_info
 from blockgraph.options.keyval import flatten
@@ -504,6 +504,18 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("query-commands", (), _query_commands),
     CommandSpec("query-version", (), _query_version),
     CommandSpec("qmp_capabilities", (opt("enable", array(enum("oob"))),), _qmp_capabilities),
+    CommandSpec("query-block-exports", (), exports.query_block_exports),
+    CommandSpec("block-export-del", (req("id", STR), opt("mode", enum("safe", "hard"))),
+                exports.block_export_del),
+    CommandSpec("block-export-add", (), exports.block_export_add, boxed=ANY),
+    CommandSpec("nbd-server-stop", (), exports.nbd_server_stop),
+    CommandSpec("nbd-server-remove", (req("name", STR), opt("mode", enum("safe", "hard"))),
+                exports.nbd_server_remove),
+    CommandSpec("nbd-server-add",
+                (opt("name", STR), opt("description", STR), req("device", STR),
+                 opt("writable", BOOL), opt("bitmap", STR)),
+                exports.nbd_server_add),
+    CommandSpec("nbd-server-start", (), exports.nbd_server_start, boxed=ANY),
     CommandSpec("query-jobs", (), jobcmds.query_jobs),
     CommandSpec("job-finalize", (req("id", STR),), jobcmds.job_finalize),
     CommandSpec("job-dismiss", (req("id", STR),), jobcmds.job_dismiss),

@@ -10,11 +10,11 @@ from __future__ import annotations
 import getopt
 import sys
 
+from blockgraph.drivers.bitmap import DirtyBitmap
 from blockgraph.drivers.qcow2.bitmaps import Qcow2Bitmaps
 from blockgraph.errors import BlockError, IOFailure, OptionError
 from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.node import Node
-from blockgraph.io.bitmap import DirtyBitmap
 from blockgraph.options.keyval import parse_drive_opts
 from blockgraph.options.schema import parse_size
 from blockgraph.tools.img.common import Fail, cache_options
