@@ -90,7 +90,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--size", default="1G", help="source image size (default 1G)")
     parser.add_argument("--count", type=int, default=20000, help="requests per bench run")
     parser.add_argument("--workdir", default=None)
-    opts = parser.parse_args(argv)
+    opts, _unknown = parser.parse_known_args(argv)  # run.py passes one argv to all
     if shutil.which("qemu-img") is None:
         print("qemu-img is not installed: nothing to compare against")
         return 1
