@@ -676,27 +676,44 @@ class QemuIO:
         self._report("read", offset, count, elapsed, flags)
         return ok
 
-    async def _cmd_readv(self, argv: list[str]) -> bool:
-        parsed = self._getopt(argv, "CqvP:")
+    def _vector_opts(self, argv: list[str], optstring: str, name: str,
+                     default_pattern: int | None) -> tuple[set[str], int | None, list[str]] | None:
+        """Options, ``-P`` pattern and the remaining words of readv/writev/aio_read/aio_write,
+        which share their option handling; None once the error has been printed."""
+        parsed = self._getopt(argv, optstring)
         if parsed is None:
-            return False
+            return None
         opts, args = parsed
-        flags = {f for f, _ in opts}
-        pattern = None
+        pattern = default_pattern
         for flag, value in opts:
             if flag == "-P":
                 pattern = self._pattern(value)
                 if pattern is None:
-                    return False
+                    return None
         if len(args) < 2:
-            self._usage("readv")
-            return False
+            self._usage(name)
+            return None
+        return {f for f, _ in opts}, pattern, args
+
+    def _offset_lengths(self, args: list[str]) -> tuple[int, list[int]] | None:
+        """``off len [len...]``; None once the error has been printed."""
         offset = self._num(args[0])
         if offset is None:
-            return False
+            return None
         lengths = self._lengths(args[1:])
         if lengths is None:
+            return None
+        return offset, lengths
+
+    async def _cmd_readv(self, argv: list[str]) -> bool:
+        vector = self._vector_opts(argv, "CqvP:", "readv", None)
+        if vector is None:
             return False
+        flags, pattern, args = vector
+        located = self._offset_lengths(args)
+        if located is None:
+            return False
+        offset, lengths = located
         total = sum(lengths)
         buf = bytearray(total)
         start = time.perf_counter()
@@ -800,27 +817,15 @@ class QemuIO:
         return True
 
     async def _cmd_writev(self, argv: list[str]) -> bool:
-        parsed = self._getopt(argv, "CfqP:")
-        if parsed is None:
+        vector = self._vector_opts(argv, "CfqP:", "writev", 0xCD)
+        if vector is None:
             return False
-        opts, args = parsed
-        flags = {f for f, _ in opts}
-        pattern = 0xCD
-        for flag, value in opts:
-            if flag == "-P":
-                parsed_pattern = self._pattern(value)
-                if parsed_pattern is None:
-                    return False
-                pattern = parsed_pattern
-        if len(args) < 2:
-            self._usage("writev")
+        flags, fill, args = vector
+        pattern = 0xCD if fill is None else fill
+        located = self._offset_lengths(args)
+        if located is None:
             return False
-        offset = self._num(args[0])
-        if offset is None:
-            return False
-        lengths = self._lengths(args[1:])
-        if lengths is None:
-            return False
+        offset, lengths = located
         total = sum(lengths)
         start = time.perf_counter()
         try:
@@ -841,26 +846,14 @@ class QemuIO:
         self._aio.append(asyncio.ensure_future(wrapped()))
 
     async def _cmd_aio_read(self, argv: list[str]) -> bool:
-        parsed = self._getopt(argv, "CiqvP:")
-        if parsed is None:
+        vector = self._vector_opts(argv, "CiqvP:", "aio_read", None)
+        if vector is None:
             return False
-        opts, args = parsed
-        flags = {f for f, _ in opts}
-        pattern = None
-        for flag, value in opts:
-            if flag == "-P":
-                pattern = self._pattern(value)
-                if pattern is None:
-                    return False
-        if len(args) < 2:
-            self._usage("aio_read")
+        flags, pattern, args = vector
+        located = self._offset_lengths(args)
+        if located is None:
             return False
-        offset = self._num(args[0])
-        if offset is None:
-            return False
-        lengths = self._lengths(args[1:])
-        if lengths is None:
-            return False
+        offset, lengths = located
         if "-i" in flags:
             self.out("injecting invalid read request")
             return True
@@ -888,21 +881,11 @@ class QemuIO:
         return True
 
     async def _cmd_aio_write(self, argv: list[str]) -> bool:
-        parsed = self._getopt(argv, "CfiquzP:")
-        if parsed is None:
+        vector = self._vector_opts(argv, "CfiquzP:", "aio_write", 0xCD)
+        if vector is None:
             return False
-        opts, args = parsed
-        flags = {f for f, _ in opts}
-        pattern = 0xCD
-        for flag, value in opts:
-            if flag == "-P":
-                parsed_pattern = self._pattern(value)
-                if parsed_pattern is None:
-                    return False
-                pattern = parsed_pattern
-        if len(args) < 2:
-            self._usage("aio_write")
-            return False
+        flags, fill, args = vector
+        pattern = 0xCD if fill is None else fill
         if "-u" in flags and "-z" not in flags:
             self.out("-u requires -z to be specified")
             return False
