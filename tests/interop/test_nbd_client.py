@@ -151,9 +151,9 @@ def test_library_round_trip(kind: str, tmp_path: Path, servers: Callable[..., Se
         buf = bytearray(len(payloads) * 65536)
         layer.run(bb.preadv(2 * MiB, memoryview(buf)))
         assert bytes(buf) == b"".join(payloads)
-        status = layer.run(bb.root_node().block_status(4 * MiB, MiB)) if hasattr(bb, "root_node") else None
-        if status is not None:
-            assert status.flags & BlockStatusFlags.ZERO
+        assert bb.root is not None
+        status = layer.run(bb.root.block_status(4 * MiB, MiB))
+        assert status.flags & BlockStatusFlags.ZERO
     finally:
         layer.close()
     # qemu-io sees what we wrote
