@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -91,13 +91,25 @@ def _map(kind: str, tmp: Path, image: Path, bitmap: str) -> str:
         return _run("nbdinfo", f"--map=qemu:dirty-bitmap:{bitmap}",
                     f"nbd+unix:///?socket={sock}").stdout
     finally:
-        try:
-            os.kill(pid, signal.SIGTERM)
-            for _ in range(100):
-                os.kill(pid, 0)
-                time.sleep(0.05)
-        except ProcessLookupError:
-            pass
+        _stop(pid)
+
+
+def _stop(pid: int) -> None:
+    """SIGTERM the server and wait for it to exit (pidfd: no polling); SIGKILL if it hangs."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                return
+            if select.select([pidfd], [], [], 30)[0]:
+                return
+    finally:
+        os.close(pidfd)
 
 
 def _open_close(image: Path, write: tuple[int, int] | None = None) -> None:
