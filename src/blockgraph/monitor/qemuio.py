@@ -634,18 +634,10 @@ class QemuIO:
                     pat_len = n
             else:
                 flags.add(flag)
-        if len(args) != 2:
-            self._usage("read")
+        located = self._offset_count("read", args)
+        if located is None:
             return False
-        offset = self._num(args[0])
-        if offset is None:
-            return False
-        count = self._num(args[1])
-        if count is None:
-            return False
-        if count > REQUEST_MAX_BYTES:
-            self.out(f"length cannot exceed {REQUEST_MAX_BYTES}, given {args[1]}")
-            return False
+        offset, count = located
         if pattern is None and (pat_off is not None or pat_len is not None):
             self._usage("read")
             return False
@@ -675,6 +667,23 @@ class QemuIO:
                 self.out(line)
         self._report("read", offset, count, elapsed, flags)
         return ok
+
+    def _offset_count(self, name: str, args: list[str]) -> tuple[int, int] | None:
+        """``off len`` of read/discard, one request's worth at most; None once the error is
+        printed."""
+        if len(args) != 2:
+            self._usage(name)
+            return None
+        offset = self._num(args[0])
+        if offset is None:
+            return None
+        count = self._num(args[1])
+        if count is None:
+            return None
+        if count > REQUEST_MAX_BYTES:
+            self.out(f"length cannot exceed {REQUEST_MAX_BYTES}, given {args[1]}")
+            return None
+        return offset, count
 
     def _vector_opts(self, argv: list[str], optstring: str, name: str,
                      default_pattern: int | None) -> tuple[set[str], int | None, list[str]] | None:
@@ -942,18 +951,10 @@ class QemuIO:
             return False
         opts, args = parsed
         flags = {f for f, _ in opts}
-        if len(args) != 2:
-            self._usage("discard")
+        located = self._offset_count("discard", args)
+        if located is None:
             return False
-        offset = self._num(args[0])
-        if offset is None:
-            return False
-        count = self._num(args[1])
-        if count is None:
-            return False
-        if count > REQUEST_MAX_BYTES:
-            self.out(f"length cannot exceed {REQUEST_MAX_BYTES}, given {args[1]}")
-            return False
+        offset, count = located
         start = time.perf_counter()
         try:
             await self._bb.pdiscard(offset, count)
