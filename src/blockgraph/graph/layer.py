@@ -97,7 +97,7 @@ class _Opener:
     ) -> ChildAccess | None:
         pre = self.preopened.pop(name, None)
         if pre is not None:
-            return self.layer._link(self.node, name, role, pre)
+            return self.layer.link(self.node, name, role, pre)
         # A backing file opened by the name in the image header (not by the user's reference or
         # filename) is "implicit": the node is then described by its plain filename.
         implicit = bool(role & ChildRole.COW) and name not in self.options and (
@@ -120,7 +120,7 @@ class _Opener:
             self.new_children.append(node)
         if implicit:
             self.node.auto_backing_file = node.filename
-        return self.layer._link(self.node, name, role, node)
+        return self.layer.link(self.node, name, role, node)
 
 
 class BlockLayer:
@@ -315,13 +315,13 @@ class BlockLayer:
                                 protocol=protocol, backend=None)
         return node, True
 
-    def _link(self, parent: Node, name: str, role: ChildRole, node: Node) -> Child:
+    def link(self, parent: Node, name: str, role: ChildRole, node: Node) -> Child:
         child = Child(name, role, parent, node)
         parent.children.append(child)
         node.parents.append(child)
         return child
 
-    def _unlink(self, child: Child) -> None:
+    def unlink(self, child: Child) -> None:
         child.parent.children.remove(child)
         child.node.parents.remove(child)
 
@@ -471,7 +471,7 @@ class BlockLayer:
         except BaseException:
             await driver.close()
             for child in list(node.children):
-                self._unlink(child)
+                self.unlink(child)
                 if not child.node.parents and not child.node.backends:
                     await self._close_tree(child.node)
             self.nodes.remove(node)
@@ -507,7 +507,7 @@ class BlockLayer:
         self.nodes.remove(node)
         await node.driver.close()
         for child in list(node.children):
-            self._unlink(child)
+            self.unlink(child)
             if not child.node.parents and not child.node.backends:
                 await self._close_tree(child.node)
 

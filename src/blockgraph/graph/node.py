@@ -181,6 +181,8 @@ class Node(IONode):
             if c.role & ChildRole.COW and not overridden:
                 continue
             options[c.name] = c.node.full_open_options()
+        if overridden and self.backing is None:
+            options["backing"] = None  # the header names one, but none is attached
         return options
 
     def write_threshold_exceeded(self, end: int) -> None:

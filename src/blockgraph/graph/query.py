@@ -43,6 +43,16 @@ def _allocated_bytes(node: Node) -> int | None:
         return None
 
 
+def _resolved(node: Node, name: str | None) -> str | None:
+    """The header's backing file name taken relative to the image, as QEMU resolves it."""
+    if not name or os.path.isabs(name) or ":" in name:
+        return name
+    image = node.file.filename if node.file is not None else ""
+    if not image or image.startswith("json:"):
+        return name
+    return os.path.join(os.path.dirname(image), name)
+
+
 def image_info(node: Node, *, chain: bool = False) -> ImageInfo:
     """The ImageInfo of ``node``; with ``chain``, its backing images linked below it."""
     info = node.driver.info()
@@ -63,7 +73,9 @@ def image_info(node: Node, *, chain: bool = False) -> ImageInfo:
         actual_size=_allocated_bytes(node),
         cluster_size=int(str(cluster)) if cluster else None,
         backing_filename=header_backing or (backing.filename if backing is not None else None),
-        full_backing_filename=backing.filename if backing is not None else header_backing,
+        full_backing_filename=(backing.filename if backing is not None
+                               and not (header_backing and node.backing_overridden())
+                               else _resolved(node, header_backing)),
         backing_filename_format=info.backing_format,
         encrypted=info.encrypted,
         dirty_flag=dirty,

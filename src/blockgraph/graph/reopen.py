@@ -1,21 +1,28 @@
-"""Reopen: change the options of a node and of the children that inherit from it.
+"""Reopen: change the options of nodes and of the children that inherit from them.
 
-The new options of each node are decided in QEMU's order of precedence, highest first:
+A reopen is a queue of nodes, built as QEMU builds it, then prepared and committed as one
+transaction: every node is prepared, and either all commit or, if any refuses, all abort and
+nothing has changed.
 
-1. options given to this reopen (for a child: the ``child.key`` ones);
-2. the node's explicit options from before;
-3. what the child inherits from its parent's *new* options (by role);
-4. the node's old effective options.
+Each queued node's new options, highest precedence first:
 
-Only children whose ``inherits_from`` is the parent are reopened with it; a node referenced
-by name keeps its options. The whole reopen is one transaction: every node is prepared, and
-either all commit or, if any refuses, all abort and nothing has changed.
+1. options given for it (for a child: the ``child.key`` ones);
+2. with *keep-old* (qemu-io's and HMP's reopen, a snapshot's): the node's explicit options;
+3. what it inherits from its parent's new options (by role) -- only keys present there, so a
+   default the parent falls back to in ``blockdev-reopen`` does not reach the child;
+4. with keep-old: the node's old effective options; without (``blockdev-reopen``): defaults,
+   except runtime options the user never set, which were defaults already.
+
+Only children whose ``inherits_from`` is the parent are queued with it; a node referenced by
+name keeps its options. A child named by reference to itself (``"file": "f"``) is queued with
+keep-old, so it keeps what it has and can still inherit. A node queued twice takes the options
+of its last queueing. A writable node needs writable file and data children.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from blockgraph.drivers.base import ChildRole, NodeFlags
@@ -38,6 +45,8 @@ class _Entry:
     runtime: dict[str, Any]
     flags: NodeFlags
     write_cache: bool | None
+    # Children given another node (or, for backing, null): name -> new node or None.
+    replace: dict[str, Node | None] = field(default_factory=dict)
     prepared: bool = False
 
 
@@ -49,14 +58,29 @@ def _typed(key: str, value: object) -> object:
 def _queue(
     node: Node,
     given: dict[str, object],
-    parent_new: Mapping[str, object] | None,
+    parent_given: Mapping[str, object] | None,
     role: ChildRole | None,
-    entries: list[_Entry],
+    entries: dict[Node, _Entry],
+    keep_old: bool,
 ) -> None:
     driver = node.driver
     known = set(GENERIC_OPTIONS) | set(driver.runtime_options)
-    child_given = {c.name: extract_subdict(given, c.name) for c in node.children}
     own = dict(given)
+    referenced: set[str] = set()
+    replace: dict[str, Node | None] = {}
+    names = [c.name for c in node.children]
+    if driver.supports_backing and "backing" not in names:
+        names.append("backing")
+    for name in names:
+        if name not in own:
+            continue
+        value = own.pop(name)
+        current_child = node.child(name)
+        if current_child is not None and value == current_child.node.node_name:
+            referenced.add(name)
+        else:
+            replace[name] = _new_child(node, name, value)
+    child_given = {c.name: extract_subdict(own, c.name) for c in node.children}
     current = {"driver": node.driver_name, "node-name": node.node_name,
                "filename": driver.open_options().get("filename")}
     for child in node.children:
@@ -81,12 +105,27 @@ def _queue(
     for key in _IMMUTABLE:
         own.pop(key, None)
     typed_own = {k: _typed(k, v) for k, v in own.items()}
-    explicit = {**node.explicit_options, **typed_own}
+    explicit = {**node.explicit_options, **typed_own} if keep_old else typed_own
     new: dict[str, object] = dict(explicit)
-    if parent_new is not None and role is not None:
-        inherit_options(role, parent_new, new)
-    for key, value in node.options.items():
-        new.setdefault(key, value)
+    if parent_given is not None and role is not None:
+        inherit_options(role, parent_given, new)
+    if keep_old:
+        for key, value in node.options.items():
+            new.setdefault(key, value)
+    # What the children inherit from: this node's options, old values included, defaults not.
+    passed_down = dict(new)
+    if not keep_old:
+        for key, value in node.options.items():
+            spec = GENERIC_OPTIONS.get(key)
+            if key == AIO_FLAG or (spec is None and key not in node.explicit_options):
+                # Fixed at open, or a runtime option that was never set: still its default.
+                new.setdefault(key, value)
+            elif spec is not None and spec.default is not None:
+                new.setdefault(key, spec.default)
+        for key in node.explicit_options:
+            spec = driver.runtime_options.get(key)
+            if key not in new and spec is not None and spec.default is not None:
+                new[key] = spec.default
     new = {k: _typed(k, v) for k, v in new.items()}
     discard = str(new.get("discard", "ignore"))
     if discard not in _DISCARD_MODES:
@@ -102,37 +141,105 @@ def _queue(
     generic = {k: v for k, v in new.items()
                if (k in GENERIC_OPTIONS or k == AIO_FLAG) and k not in _IMMUTABLE}
     runtime = {k: v for k, v in new.items() if k not in GENERIC_OPTIONS and k != AIO_FLAG}
-    entries.append(_Entry(node, generic, explicit, runtime, flags, write_cache))
+    # Queued again: the last queueing's options win, the place in the queue stays.
+    entries[node] = _Entry(node, generic, explicit, runtime, flags, write_cache, replace)
     for child in node.children:
-        if child.node.inherits_from is node:
-            _queue(child.node, child_given[child.name], generic, child.role, entries)
+        if child.node.inherits_from is node and child.name not in replace:
+            _queue(child.node, child_given[child.name], passed_down, child.role, entries,
+                   keep_old or child.name in referenced)
 
 
-async def reopen(node: Node, options: Mapping[str, object], *, read_only: bool | None = None) -> None:
-    """Reopen ``node`` with ``options`` (flat; strings or typed), optionally changing read-only.
+def _new_child(node: Node, name: str, value: object) -> Node | None:
+    """The node that ``name: value`` makes the child ``name`` of ``node`` (checked)."""
+    if value is None:
+        if name != "backing":
+            raise BlockError(f"Cannot change the option '{name}'")
+        return None
+    if not isinstance(value, str):
+        raise BlockError(f"Invalid parameter type for '{name}', expected: BlockdevRef")
+    target = node.layer.find_node(value)
+    if target is None:
+        raise BlockError(f"Cannot find device='' nor node-name='{value}'")
+    pending = [target]
+    while pending:
+        below = pending.pop()
+        if below is node:
+            kind = "backing" if name == "backing" else "file"
+            raise BlockError(f"Making '{value}' a {kind} child of '{node.node_name}' "
+                             "would create a cycle")
+        pending.extend(below.io_children())
+    return target
 
+
+def _check_writable_children(entries: Mapping[Node, _Entry]) -> None:
+    """A node that writes needs its file and data children to accept writes (QEMU's perms)."""
+    for entry in entries.values():
+        if entry.flags.read_only:
+            continue
+        for child in entry.node.children:
+            if not child.role & (ChildRole.DATA | ChildRole.METADATA):
+                continue
+            target = entry.replace.get(child.name, child.node)
+            if target is None:
+                continue
+            queued = entries.get(target)
+            child_flags = queued.flags if queued is not None else target.flags
+            if child_flags.read_only:
+                raise BlockError("Block node is read-only")
+
+
+def _replace_children(entry: _Entry, orphans: list[Node]) -> None:
+    """Point the entry's children at their new nodes; a node left without parents is noted."""
+    node = entry.node
+    layer = node.layer
+    for name, target in entry.replace.items():
+        child = node.child(name)
+        if child is not None:
+            orphans.append(child.node)
+        if target is None:
+            if child is not None:
+                layer.unlink(child)
+                node.driver.set_backing(None)
+        elif child is None:
+            node.driver.set_backing(layer.link(node, name, ChildRole.COW, target))
+        else:
+            # The driver keeps its Child; only the node behind it changes.
+            child.node.parents.remove(child)
+            child.node = target
+            target.parents.append(child)
+
+
+async def reopen_many(requests: Sequence[tuple[Node, Mapping[str, object], bool]]) -> list[Node]:
+    """Reopen several nodes in one transaction (``blockdev-reopen``).
+
+    :param requests: per node, its flat options and whether omitted options keep their old
+        values (*keep-old*) or go back to their defaults. A child given as another node's name
+        (or ``backing`` as None) is replaced.
+    :return: the nodes that lost a parent to a replacement; the caller decides whether those
+        left without users are closed (the monitor keeps the ones it owns).
     :raise BlockError: QEMU's message; then no node has changed.
     """
-    given = dict(options)
-    if read_only is not None:
-        given.setdefault("read-only", read_only)
-    entries: list[_Entry] = []
-    _queue(node, given, None, None, entries)
-    for entry in entries:
+    entries: dict[Node, _Entry] = {}
+    for node, options, keep_old in requests:
+        _queue(node, dict(options), None, None, entries, keep_old)
+    _check_writable_children(entries)
+    for entry in entries.values():
         if entry.flags.read_only and not entry.node.flags.read_only:
             # Whatever a node still caches must reach its image before write access ends.
             await entry.node.flush()
     try:
-        for entry in entries:
+        for entry in entries.values():
             entry.node.driver.reopen_prepare(entry.runtime, entry.flags)
             entry.prepared = True
     except BaseException:
-        for entry in entries:
+        for entry in entries.values():
             if entry.prepared:
                 entry.node.driver.reopen_abort()
         raise
-    for entry in entries:
+    orphans: list[Node] = []
+    for entry in entries.values():
         entry.node.driver.reopen_commit()
+        _replace_children(entry, orphans)
         target = entry.node.flags
         target.read_only = entry.flags.read_only
         target.direct = entry.flags.direct
@@ -143,3 +250,15 @@ async def reopen(node: Node, options: Mapping[str, object], *, read_only: bool |
         if entry.write_cache is not None:
             for bb in entry.node.backends:
                 bb.write_cache = entry.write_cache
+    return orphans
+
+
+async def reopen(node: Node, options: Mapping[str, object], *, read_only: bool | None = None) -> None:
+    """Reopen ``node`` with ``options`` (flat; strings or typed), keeping old values of the rest.
+
+    :raise BlockError: QEMU's message; then no node has changed.
+    """
+    given = dict(options)
+    if read_only is not None:
+        given.setdefault("read-only", read_only)
+    await reopen_many([(node, given, True)])

@@ -70,7 +70,7 @@ async def external_snapshot(
     except BaseException:
         await layer.delete_node(overlay)
         raise
-    overlay.driver.set_backing(layer._link(overlay, "backing", ChildRole.COW, old_top))
+    overlay.driver.set_backing(layer.link(overlay, "backing", ChildRole.COW, old_top))
     for backend in list(old_top.backends):
         backend.attach(overlay)
     return overlay

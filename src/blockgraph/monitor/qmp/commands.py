@@ -20,9 +20,9 @@ from typing import Any
 
 from blockgraph.errors import BlockError, DeviceNotFound, IOFailure
 from blockgraph.graph.create import create_image, create_line
-from blockgraph.graph.layer import GENERIC_OPTIONS, BlockLayer
+from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.node import BlockBackend, Node
-from blockgraph.graph.reopen import reopen
+from blockgraph.graph.reopen import reopen_many
 from blockgraph.graph.snapshot import external_snapshot
 from blockgraph.jobs.job import JobManager
 from blockgraph.monitor.hmp import HMP
@@ -177,7 +177,8 @@ def _check_value(type_: T, value: object, path: str) -> None:
             return
         ok = isinstance(value, str) or (kind == "ref-or-null" and value is None)
         if not ok:
-            raise _invalid(path, type_.name)
+            # QEMU's visitor names a mistyped alternate by its member name alone, not its path.
+            raise _invalid(path.rsplit(".", 1)[-1], type_.name)
         return
     elif kind == "blockdev":
         if not isinstance(value, dict):
@@ -393,30 +394,15 @@ async def _blockdev_del(mon: QMPMonitor, args: dict[str, Any]) -> object:
     return {}
 
 
-def _reopen_options(node: Node, options: dict[str, Any]) -> dict[str, object]:
-    """The flat options for the graph's reopen: what was not given goes back to its default."""
+def _reopen_options(options: dict[str, Any]) -> dict[str, object]:
+    """The flat options for the graph's reopen; children named by reference stay strings."""
     given = dict(options)
     given.pop("node-name", None)
-    for child in node.children:
-        value = given.get(child.name)
-        if isinstance(value, str):
-            if value != child.node.node_name:
-                raise BlockError(f"Cannot change the option '{child.name}'")
-            del given[child.name]
-        elif child.name in given and value is None:
-            raise BlockError(f"Cannot change the option '{child.name}'")
-    flat = flatten(given)
-    for key in node.explicit_options:
-        if key in flat or key in ("driver", "node-name"):
-            continue
-        spec = GENERIC_OPTIONS.get(key) or node.driver.runtime_options.get(key)
-        if spec is not None and spec.default is not None:
-            flat[key] = spec.default
-    return flat
+    return flatten(given)
 
 
 async def _blockdev_reopen(mon: QMPMonitor, args: dict[str, Any]) -> object:
-    plan: list[tuple[Node, dict[str, object]]] = []
+    plan: list[tuple[Node, dict[str, object], bool]] = []
     for options in args["options"]:
         name = options.get("node-name")
         if not isinstance(name, str):
@@ -426,9 +412,13 @@ async def _blockdev_reopen(mon: QMPMonitor, args: dict[str, Any]) -> object:
             raise BlockError(f"Failed to find node with node-name='{name}'")
         if node.backing is not None and "backing" not in options:
             raise BlockError(f"backing is missing for '{name}'")
-        plan.append((node, _reopen_options(node, options)))
-    for node, flat in plan:
-        await reopen(node, flat)
+        plan.append((node, _reopen_options(options), False))
+    # One transaction: omitted options go back to their defaults (QEMU's keep_old_opts=false).
+    orphans = await reopen_many(plan)
+    for orphan in orphans:
+        # A replaced child that nothing holds any more goes, unless the monitor added it.
+        if orphan.node_name not in mon.owned and not orphan.parents and not orphan.backends:
+            await mon.layer.delete_node(orphan)
     return {}
 
 

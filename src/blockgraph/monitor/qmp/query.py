@@ -50,9 +50,9 @@ def _image(info: ImageInfo) -> dict[str, object]:
 
 
 def _backing_file(node: Node) -> str | None:
-    if node.backing is not None:
-        return node.backing.filename
-    return node.driver.info().backing_file or None
+    # Only an attached backing node counts: with ``backing: null`` (at open or by a reopen)
+    # QEMU reports none, whatever the header names.
+    return node.backing.filename if node.backing is not None else None
 
 
 def block_device_info(node: Node, backend: BlockBackend | None = None, *,
