@@ -6,6 +6,7 @@ their pid file; nothing here sleeps to synchronise.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -621,3 +622,45 @@ def test_persistent_serves_several_clients(tmp_path: Path, servers: Callable[...
     for _ in range(3):
         info = json.loads(_run("nbdinfo", "--json", server.uri).stdout)
         assert info["exports"][0]["export-size"] == 8 * MiB
+
+
+def test_cache_copies_on_read_like_qemu_nbd(tmp_path: Path, servers: Callable[..., Server]) -> None:
+    """NBD_CMD_CACHE copies whole clusters from the backing file into the overlay, as qemu-nbd
+    does, and fails with EPERM on a read-only export that would need a copy."""
+    nbd = _libnbd()
+    base = tmp_path / "base.qcow2"
+    _run("qemu-img", "create", "-q", "-f", "qcow2", str(base), "4M")
+    _run("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 1M", str(base))
+    maps = {}
+    for kind in ("qemu", "ours"):
+        results = []
+        for mode in ("rw", "ro"):
+            overlay = tmp_path / f"{kind}-{mode}.qcow2"
+            _run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                 str(overlay))
+            server = servers(kind, overlay, "-f", "qcow2", *(["-r"] if mode == "ro" else []))
+            h = nbd.NBD()
+            h.connect_uri(server.uri)
+            for count, offset in ((4096, 70000), (4096, 2 * MiB), (100, 3 * MiB + 5)):
+                try:
+                    h.cache(count, offset)
+                    results.append("ok")
+                except nbd.Error as exc:
+                    results.append(f"errno {exc.errno}")
+            # The copied data reads back as the base's, wherever it now comes from.
+            assert h.pread(4096, 4096) == b"\x11" * 4096
+            h.shutdown()
+            server.stop()
+        assert results == ["ok"] * 3 + [f"errno {errno.errorcode[errno.EPERM]}"] * 3
+        rw = tmp_path / f"{kind}-rw.qcow2"
+        check = _run("qemu-img", "check", str(rw))
+        assert "No errors were found" in check.stdout
+        mapped = json.loads(_run("qemu-img", "map", "--output=json", str(rw)).stdout)
+        maps[kind] = [{k: v for k, v in m.items() if k != "offset"} for m in mapped]
+        # Ro export: nothing was copied.
+        ro_map = json.loads(_run("qemu-img", "map", "--output=json",
+                                 str(tmp_path / f"{kind}-ro.qcow2")).stdout)
+        assert all(m["depth"] >= 1 for m in ro_map)
+    assert maps["ours"] == maps["qemu"]
+    assert any(m["depth"] == 0 and m["data"] for m in maps["ours"])  # data was copied up
+    assert any(m["depth"] == 0 and m["zero"] for m in maps["ours"])  # zeroes as zero clusters

@@ -434,6 +434,9 @@ async def _run_server(s: _Settings, export: NBDExport, listener: socket.socket) 
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+            # We are already stopping: a signal now (a client's "kill" racing our own exit
+            # after the last disconnect) must not cut the final flush and close short.
+            signal.signal(signum, signal.SIG_IGN)
         await server.close()
         with contextlib.suppress(Exception):
             await export.backend.flush()

@@ -26,6 +26,7 @@ from blockgraph.errors import IOFailure
 from blockgraph.export.nbd import protocol as P
 from blockgraph.export.nbd.status import chain_status, extents
 from blockgraph.graph.node import BlockBackend, Node
+from blockgraph.io.copy_on_read import prefetch
 
 log = logging.getLogger(__name__)
 
@@ -332,9 +333,9 @@ class _Client:
         self.conn.reply_ok(request.cookie)
 
     async def _cache(self, export: NBDExport, request: P.Request) -> None:
-        # A prefetch: the data is read (errors are reported) and dropped.
+        # A prefetch, as qemu-nbd does it: copy on read into the export's node, nothing returned.
         if request.length:
-            await export.backend.preadv(request.offset, memoryview(bytearray(request.length)))
+            await prefetch(export.root, request.offset, request.length)
         self.conn.reply_ok(request.cookie)
 
     async def _block_status(self, export: NBDExport, request: P.Request) -> None:
