@@ -652,8 +652,9 @@ class QemuIO:
         start = time.perf_counter()
         try:
             if "-b" in flags:
-                raise IOFailure(ENOTSUP)  # no driver here keeps a VM state area
-            await self._bb.preadv(offset, memoryview(buf))
+                await self._bb.load_vmstate(offset, memoryview(buf))
+            else:
+                await self._bb.preadv(offset, memoryview(buf))
         except (IOFailure, BlockError) as exc:
             self.out(f"read failed: {exc}")
             return False
@@ -812,7 +813,7 @@ class QemuIO:
                     req_flags |= RequestFlags.NO_FALLBACK
                 await self._bb.pwrite_zeroes(offset, count, req_flags)
             elif "-b" in flags:
-                raise IOFailure(ENOTSUP)  # no driver here keeps a VM state area
+                await self._bb.save_vmstate(offset, memoryview(buf))
             elif "-c" in flags:
                 if not self._root.driver.supported_write_flags & RequestFlags.COMPRESSED:
                     raise IOFailure(ENOTSUP)
