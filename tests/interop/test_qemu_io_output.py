@@ -94,6 +94,31 @@ SCENARIOS = [
     Scenario("raw-write-read", _c(
         "write -P 0xab 0 4k", "read -P 0xab 0 4k", "write -c 0 64k", "write -z -u 0 4k",
         "read -P 0 0 4k", "map", "alloc 0 1M", "info"), fmt="raw"),
+    # -- VM state (-b) ------------------------------------------------------------------------
+    Scenario("vmstate", _c(
+        "read -b -P 0 0 64k", "write -b -P 0x5a 0 64k", "read -b -P 0x5a 0 64k",
+        "read -b -P 0 64k 64k", "read -P 0 0 1M", "write -P 0x11 0 4k", "read -b -v 0 512",
+        "write -b -c -P 0x5b 512 512", "read -b -P 0x5b 512 512", "write -b -q 1k 512",
+        "read -b -C 0 512", "read -b -s 512 -l 512 -P 0x5b 0 1k", "write -b 1 512",
+        "write -b 0 100", "read -b 1 512", "read -b 0 100", "write -b -z 0 512",
+        "write -b -f 0 512", "write -b -P 3 1G 4k", "read -b -P 3 1G 4k",
+        "read -b 0x7fffffff9ffffe00 512", "read -b 0x7fffffffa0000000 512",
+        "write -b 0x7fffffffa0000000 512", "write -b 4P 512", "read -b 4P 512", "map",
+        "alloc 0 1M")),
+    Scenario("vmstate-raw", _c("write -b 0 512", "read -b 0 512", "read -b 1 512"), fmt="raw"),
+    Scenario("vmstate-read-only", ["-r", *_c("write -b 0 512", "read -b -P 0 0 512")]),
+    Scenario("vmstate-writethrough", ["-t", "writethrough", *_c(
+        "write -b -P 7 0 4k", "read -b -P 7 0 4k")]),
+    Scenario("vmstate-backing", _c("read -b -P 0 0 64k", "write -b -P 9 0 512",
+                                   "read -b -P 9 0 512", "read -P 0x11 0 64k"),
+             create=["-b", "base.qcow2", "-F", "qcow2"]),
+    Scenario("vmstate-extl2", _c("write -b -P 1 0 64k", "write -b -P 2 8k 512",
+                                 "read -b -P 1 0 8k", "read -b -P 2 8k 512", "read -P 0 0 1M"),
+             create=["-o", "extended_l2=on,cluster_size=16k"]),
+    Scenario("vmstate-compat010", _c("write -b -P 1 0 64k", "read -b -P 1 0 64k"),
+             create=["-o", "compat=0.10"]),
+    Scenario("vmstate-empty-disk", _c("write -b -P 4 0 512", "read -b -P 4 0 512",
+                                      "read 0 512"), size="0"),
     # -- readv / writev --------------------------------------------------------------------
     Scenario("readv-writev", _c(
         "writev -P 0x61 0 512 1k", "readv -P 0x61 0 512 1k", "readv -v 0 16 16",
