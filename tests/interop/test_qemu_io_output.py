@@ -70,7 +70,7 @@ SCENARIOS = [
     # -- read / write and their flags ------------------------------------------------------
     Scenario("write-read-pattern", _c(
         "write -P 0x41 0 100", "read -P 0x41 0 100", "read -P 65 0 100", "read -P 0101 0 100",
-        "read -v 0 40", "read -v 10 20", "read -P 0x41 -s 10 -l 20 0 100",
+        "read -v 0 40", "read -v 10 20", "read -v -q 0 16", "read -P 0x41 -s 10 -l 20 0 100",
         "read -P 0x41 -s 90 0 100", "read -P 0x42 0 512", "read -q 0 512", "read -C 0 4k",
         "read -C -q 0 1", "read -p 0 1", "read 0 0", "write 0 0")),
     Scenario("write-flags", _c(
@@ -122,7 +122,7 @@ SCENARIOS = [
     # -- readv / writev --------------------------------------------------------------------
     Scenario("readv-writev", _c(
         "writev -P 0x61 0 512 1k", "readv -P 0x61 0 512 1k", "readv -v 0 16 16",
-        "readv -P 0x62 0 512", "readv -q 0 512", "writev -q 0 512", "writev -f 0 512",
+        "readv -P 0x62 0 512", "readv -q 0 512", "readv -v -q 0 16", "writev -q 0 512", "writev -f 0 512",
         "writev -C 0 512 512", "readv -C 0 512 512", "writev -z 0 512", "readv", "readv 0",
         "writev 0", "readv 0 1x", "writev -P 300 0 1", "readv 2M 512", "writev 2M 512",
         "readv 0 3G", "readv 0 1G 1G 1G", "readv -x 0 1", "readv -q")),
@@ -130,7 +130,7 @@ SCENARIOS = [
     Scenario("aio", _c(
         "aio_write -P 0x61 0 512 1k", "aio_flush", "aio_read -P 0x61 0 512", "aio_flush",
         "aio_read -v 0 16", "aio_flush", "aio_read -P 0x99 0 16", "aio_flush",
-        "aio_read -q 0 16", "aio_flush", "aio_write -f 0 1", "aio_flush", "aio_read -C 0 1",
+        "aio_read -q 0 16", "aio_flush", "aio_read -q -v 0 16", "aio_flush", "aio_write -f 0 1", "aio_flush", "aio_read -C 0 1",
         "aio_flush", "aio_write -q 0 1", "aio_flush", "aio_read -i 0 1", "aio_write -i 0 1",
         "aio_read 2M 512", "aio_flush", "aio_write 2M 512", "aio_flush", "aio_write -u 0 1",
         "aio_read 0 3G", "aio_read 0", "aio_write -z 0 512 512", "aio_read -x 0 1",

@@ -663,7 +663,7 @@ class QemuIO:
         if pattern is not None and not self._verify(buf, start_off, verify_len, pattern):
             self.out(f"Pattern verification failed at offset {offset + start_off}, {verify_len} bytes")
             ok = False
-        if "-v" in flags:
+        if "-v" in flags and "-q" not in flags:  # qemu-io: -q silences the dump too
             for line in dump_lines(buf, offset):
                 self.out(line)
         self._report("read", offset, count, elapsed, flags)
@@ -737,7 +737,7 @@ class QemuIO:
         if pattern is not None and not self._verify(buf, 0, total, pattern):
             self.out(f"Pattern verification failed at offset {offset}, {total} bytes")
             ok = False
-        if "-v" in flags:
+        if "-v" in flags and "-q" not in flags:
             for line in dump_lines(buf, offset):
                 self.out(line)
         self._report("read", offset, total, elapsed, flags)
@@ -881,7 +881,7 @@ class QemuIO:
             lines = []
             if pattern is not None and not self._verify(buf, 0, total, pattern):
                 lines.append(f"Pattern verification failed at offset {offset}, {total} bytes")
-            if "-v" in flags:
+            if "-v" in flags and "-q" not in flags:
                 lines += dump_lines(buf, offset)
             if "-q" not in flags:
                 lines += report_lines("read", offset, total, total, 1, elapsed, "-C" in flags)
