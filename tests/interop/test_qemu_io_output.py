@@ -70,7 +70,8 @@ SCENARIOS = [
     # -- read / write and their flags ------------------------------------------------------
     Scenario("write-read-pattern", _c(
         "write -P 0x41 0 100", "read -P 0x41 0 100", "read -P 65 0 100", "read -P 0101 0 100",
-        "read -v 0 40", "read -v 10 20", "read -v -q 0 16", "read -P 0x41 -s 10 -l 20 0 100",
+        "read -v 0 40", "read -v 10 20", "read -v -q 0 16", "write -P 0x5b 512 3",
+        "write -P 0x20 515 1", "write -P 0x7a 516 1", "read -v 508 16", "read -P 0x41 -s 10 -l 20 0 100",
         "read -P 0x41 -s 90 0 100", "read -P 0x42 0 512", "read -q 0 512", "read -C 0 4k",
         "read -C -q 0 1", "read -p 0 1", "read 0 0", "write 0 0")),
     Scenario("write-flags", _c(

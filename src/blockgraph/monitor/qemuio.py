@@ -169,14 +169,19 @@ def report_lines(verb: str, offset: int, total: int, count: int, ops: int, elaps
             f"({cvtstr(total / elapsed)}/sec and {ops / elapsed:.4f} ops/sec)"]
 
 
+# qemu-io shows a byte as itself only if it is a letter or digit (isalnum in the C locale);
+# punctuation and spaces are dots too.
+_DUMP_CHARS = "".join(chr(b) if chr(b).isascii() and chr(b).isalnum() else "." for b in range(256))
+
+
 def dump_lines(buf: bytes | bytearray | memoryview, offset: int) -> list[str]:
-    """``-v``: sixteen bytes a line, hex then printable characters."""
+    """``-v``: sixteen bytes a line, hex then the letters and digits among them."""
     lines = []
     data = bytes(buf)
     for pos in range(0, len(data), 16):
         chunk = data[pos : pos + 16]
         hexpart = "".join(f"{b:02x} " for b in chunk)
-        text = "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in chunk)
+        text = "".join(_DUMP_CHARS[b] for b in chunk)
         lines.append(f"{offset + pos:08x}:  {hexpart} {text}")
     return lines
 

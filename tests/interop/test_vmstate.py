@@ -1,0 +1,180 @@
+"""VM state (``read -b`` / ``write -b``) in qcow2 images, across qemu-io and ``blockgraph io``.
+
+QEMU keeps the VM state in the image's guest address space past the virtual disk, at the first
+L1 entry the disk does not use. What one tool writes there the other must read back, with the
+same L1 table (size and the entries in use), and images stay clean for ``qemu-img check``.
+Internal snapshots carry the VM state along: ``qemu-img snapshot -c`` records a VM state size of
+0 (it saves no VM) but keeps the area, ``savevm`` of the system emulator records its size, and
+both tools list and read them alike. The command output itself is compared in
+``test_qemu_io_output.py`` (the ``vmstate*`` scenarios).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+QEMU_IO = shutil.which("qemu-io")
+QEMU_IMG = shutil.which("qemu-img")
+QEMU_SYSTEM = shutil.which("qemu-system-x86_64")
+BLOCKGRAPH = Path(sys.executable).with_name("blockgraph")
+
+if (QEMU_IO is None or QEMU_IMG is None) and not os.environ.get("BLOCKGRAPH_REQUIRE_ORACLES"):
+    pytest.skip("qemu-io / qemu-img not installed", allow_module_level=True)
+
+# (vmstate offset, length, pattern): cluster aligned, inside a cluster, far past the disk.
+WRITES = [(65536, 65536, 0x5A), (8192 + 512, 1024, 0x5B), (1 << 30, 4096, 0x5C), (100 << 30, 512, 0x5D)]
+
+
+def _run(*args: str) -> str:
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
+    assert "failed" not in proc.stdout, (args, proc.stdout)
+    return proc.stdout
+
+
+def _io(tool: str, image: Path, *commands: str) -> str:
+    """Run qemu-io commands with ``tool`` ("qemu" or "ours"); every command must succeed."""
+    argv = [QEMU_IO] if tool == "qemu" else [str(BLOCKGRAPH), "io"]
+    assert argv[0] is not None
+    for command in commands:
+        argv += ["-c", command]
+    out = _run(*argv, "-f", "qcow2", str(image))
+    assert "Pattern verification failed" not in out, out
+    return out
+
+
+def _dump(tool: str, image: Path, command: str) -> list[str]:
+    """The ``-v`` hex dump lines of one read (the report line's timing differs)."""
+    return [line for line in _io(tool, image, command).splitlines()
+            if re.match(r"[0-9a-f]{8}:  ", line)]
+
+
+def _img(tool: str, *args: str) -> str:
+    argv = [QEMU_IMG] if tool == "qemu" else [str(BLOCKGRAPH), "img"]
+    assert argv[0] is not None
+    return _run(*argv, *args)
+
+
+def _create(path: Path, options: str, size: str = "3M") -> Path:
+    assert QEMU_IMG is not None
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", options, str(path), size],
+                   check=True)
+    return path
+
+
+def _l1_layout(path: Path) -> tuple[int, list[int]]:
+    """The active L1 table's size and the indices of its non-empty entries."""
+    data = path.read_bytes()
+    l1_size, l1_offset = struct.unpack_from(">IQ", data, 36)
+    entries = struct.unpack_from(f">{l1_size}Q", data, l1_offset)
+    return l1_size, [i for i, e in enumerate(entries) if e & 0x00FFFFFFFFFFFE00]
+
+
+def _check_clean(path: Path) -> None:
+    assert "No errors were found on the image." in _img("qemu", "check", str(path))
+
+
+OTHER = {"qemu": "ours", "ours": "qemu"}
+OPTIONS = ["cluster_size=65536", "compat=0.10", "extended_l2=on,cluster_size=16k",
+           "cluster_size=512", "lazy_refcounts=on"]
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("writer", ["qemu", "ours"])
+def test_vmstate_reads_back_across_tools(tmp_path: Path, writer: str, options: str) -> None:
+    images = {tool: _create(tmp_path / f"{tool}.qcow2", options) for tool in ("qemu", "ours")}
+    for tool, image in images.items():
+        _io(tool, image, *(f"write -b -P {p:#x} {off} {n}" for off, n, p in WRITES))
+        _check_clean(image)
+    # Both tools lay the area out alike: past the disk, the L1 table grown the same way.
+    assert _l1_layout(images["qemu"]) == _l1_layout(images["ours"])
+    l1_size, used = _l1_layout(images["ours"])
+    assert used and min(used) >= 1  # nothing in the L1 entry that maps the 3 MiB disk
+    image = images[writer]
+    reads = [f"read -b -P {p:#x} {off} {n}" for off, n, p in WRITES]
+    reads += ["read -b -P 0 8192 512", "read -b -P 0 512M 4k", "read -P 0 0 3M"]
+    for reader in ("qemu", "ours"):
+        _io(reader, image, *reads)
+    # The dump of the first cluster is the same through both tools, byte for byte.
+    dumps = {tool: _dump(tool, image, "read -b -v 8k 2k") for tool in ("qemu", "ours")}
+    assert dumps["qemu"] == dumps["ours"]
+    assert len(dumps["ours"]) == 128 and "5b 5b 5b 5b" in dumps["ours"][32]
+
+
+def _snapshot_rows(text: str) -> list[list[str]]:
+    """``snapshot -l`` rows without the date (the two images are made at different times)."""
+    rows = []
+    for line in text.splitlines()[2:]:
+        line = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", "DATE", line)
+        rows.append(line.split())
+    return rows
+
+
+@pytest.mark.parametrize("creator", ["qemu", "ours"])
+def test_snapshot_keeps_vmstate_written_by_qemu_io(tmp_path: Path, creator: str) -> None:
+    image = _create(tmp_path / "a.qcow2", "cluster_size=65536", "1M")
+    _io("qemu", image, "write -b -P 0x5a 0 128k", "write -P 0x11 0 64k")
+    _img(creator, "snapshot", "-c", "snap1", str(image))
+    _check_clean(image)
+    # A snapshot taken by the image tool saves no VM: its VM state size is 0 in both tools'
+    # listings, though the area written before stays in the image (and in the snapshot).
+    listings = {tool: _img(tool, "snapshot", "-l", str(image)) for tool in ("qemu", "ours")}
+    assert listings["qemu"] == listings["ours"]
+    assert _snapshot_rows(listings["ours"]) == [["1", "snap1", "0", "B", "DATE", "00:00:00.000",
+                                                 "0"]]
+    for tool in ("qemu", "ours"):
+        _io(tool, image, "read -b -P 0x5a 0 128k")
+    # Overwrite the area, then go back to the snapshot: the old VM state is back.
+    _io(OTHER[creator], image, "write -b -P 0x77 0 64k")
+    _img(creator, "snapshot", "-a", "snap1", str(image))
+    _check_clean(image)
+    for tool in ("qemu", "ours"):
+        _io(tool, image, "read -b -P 0x5a 0 128k", "read -P 0x11 0 64k")
+
+
+def _savevm(image: Path) -> None:
+    """Take snapshot ``s1`` with HMP ``savevm`` in a guestless system emulator."""
+    if QEMU_SYSTEM is None:
+        if os.environ.get("BLOCKGRAPH_REQUIRE_ORACLES"):
+            pytest.fail("qemu-system-x86_64 is required", pytrace=False)
+        pytest.skip("qemu-system-x86_64 not installed")
+    proc = subprocess.run(
+        [QEMU_SYSTEM, "-machine", "none", "-nodefaults", "-display", "none",
+         "-drive", f"file={image},if=none,id=d0,format=qcow2", "-monitor", "stdio"],
+        input="savevm s1\nquit\n", capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_savevm_snapshot_vm_size_and_state(tmp_path: Path) -> None:
+    image = _create(tmp_path / "a.qcow2", "cluster_size=65536", "1M")
+    _savevm(image)
+    listings = {tool: _img(tool, "snapshot", "-l", str(image)) for tool in ("qemu", "ours")}
+    assert listings["qemu"] == listings["ours"]
+    [row] = _snapshot_rows(listings["ours"])
+    assert row[1] == "s1" and row[2:4] != ["0", "B"]  # savevm recorded the state's size
+    # savevm leaves the active image without VM state; applying the snapshot brings it back.
+    copies = {}
+    for tool in ("qemu", "ours"):
+        copies[tool] = tmp_path / f"{tool}.qcow2"
+        shutil.copyfile(image, copies[tool])
+        _io(tool, copies[tool], "read -b -P 0 0 64k")
+        _img(tool, "snapshot", "-a", "s1", str(copies[tool]))
+        _check_clean(copies[tool])
+    # (The files are not byte-identical: QEMU's apply also clears the COPIED flags in the
+    # snapshot's own L1 table and punches a hole where the freed L2 table was; neither
+    # changes what the image holds.)
+    dumps = [_dump(tool, image, "read -b -v 0 1k") for tool in ("qemu", "ours")
+             for image in copies.values()]
+    assert all(d == dumps[0] for d in dumps)
+    assert "QEVM" in dumps[0][0]  # the migration stream's magic: the state really is there
+    for tool in ("qemu", "ours"):
+        for image in copies.values():
+            _io(tool, image, "read -P 0 0 1M")
