@@ -5,12 +5,13 @@ L1 entry the disk does not use. What one tool writes there the other must read b
 same L1 table (size and the entries in use), and images stay clean for ``qemu-img check``.
 Internal snapshots carry the VM state along: ``qemu-img snapshot -c`` records a VM state size of
 0 (it saves no VM) but keeps the area, ``savevm`` of the system emulator records its size, and
-both tools list and read them alike. The command output itself is compared in
+both tools list them alike (``snapshot -l`` and ``info``, text and JSON) and read them alike. The command output itself is compared in
 ``test_qemu_io_output.py`` (the ``vmstate*`` scenarios).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,6 +132,7 @@ def test_snapshot_keeps_vmstate_written_by_qemu_io(tmp_path: Path, creator: str)
     assert listings["qemu"] == listings["ours"]
     assert _snapshot_rows(listings["ours"]) == [["1", "snap1", "0", "B", "DATE", "00:00:00.000",
                                                  "0"]]
+    assert _info(image)["snapshots"] == [{**_info(image)["snapshots"][0], "vm-state-size": 0}]
     for tool in ("qemu", "ours"):
         _io(tool, image, "read -b -P 0x5a 0 128k")
     # Overwrite the area, then go back to the snapshot: the old VM state is back.
@@ -138,6 +141,17 @@ def test_snapshot_keeps_vmstate_written_by_qemu_io(tmp_path: Path, creator: str)
     _check_clean(image)
     for tool in ("qemu", "ours"):
         _io(tool, image, "read -b -P 0x5a 0 128k", "read -P 0x11 0 64k")
+
+
+def _info(image: Path) -> dict[str, Any]:
+    """``img info --output=json`` of ``image``, once both tools printed ``info`` alike."""
+    human = {tool: _img(tool, "info", str(image)) for tool in ("qemu", "ours")}
+    assert human["qemu"] == human["ours"]
+    assert "Snapshot list:" in human["ours"]
+    text = {tool: _img(tool, "info", "--output=json", str(image)) for tool in ("qemu", "ours")}
+    assert text["qemu"] == text["ours"]
+    data: dict[str, Any] = json.loads(text["ours"])
+    return data
 
 
 def _savevm(image: Path) -> None:
@@ -160,6 +174,8 @@ def test_savevm_snapshot_vm_size_and_state(tmp_path: Path) -> None:
     assert listings["qemu"] == listings["ours"]
     [row] = _snapshot_rows(listings["ours"])
     assert row[1] == "s1" and row[2:4] != ["0", "B"]  # savevm recorded the state's size
+    [snapshot] = _info(image)["snapshots"]
+    assert snapshot["vm-state-size"] > 0 and "icount" not in snapshot
     # savevm leaves the active image without VM state; applying the snapshot brings it back.
     copies = {}
     for tool in ("qemu", "ours"):

@@ -16,7 +16,7 @@ above does the padding and the bounds checks once for every driver.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -156,6 +156,18 @@ class OpenContext(Protocol):
         ...
 
 
+class SnapshotInfo(Protocol):
+    """What a listing shows of one internal snapshot (QEMU's ``QEMUSnapshotInfo``)."""
+
+    id_str: str
+    name: str
+    vm_state_size: int  # bytes of VM state saved with it; 0 when no VM was saved
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    icount: int  # -1: not recorded
+
+
 @dataclass
 class DriverInfo:
     """What ``info block`` and ``query-*`` report about a node, as its driver knows it."""
@@ -275,6 +287,10 @@ class BlockDriver:
             default), or QEMU's message when the name does not fit.
         """
         raise BlockError("Operation not supported")
+
+    def snapshot_list(self) -> Sequence[SnapshotInfo]:
+        """The image's internal snapshots; none for formats without them."""
+        return ()
 
     def info(self) -> DriverInfo:
         return DriverInfo()
