@@ -194,3 +194,38 @@ def test_savevm_snapshot_vm_size_and_state(tmp_path: Path) -> None:
     for tool in ("qemu", "ours"):
         for image in copies.values():
             _io(tool, image, "read -P 0 0 1M")
+
+
+def test_qmp_and_hmp_list_snapshots_like_qemu_system(tmp_path: Path) -> None:
+    """query-block and ``info block -v`` carry the snapshots with their VM state sizes."""
+    image = _create(tmp_path / "a.qcow2", "cluster_size=65536", "1M")
+    _savevm(image)  # VM state size recorded, no icount
+    _img("qemu", "snapshot", "-c", "x", str(image))  # VM state size 0, icount 0
+    assert QEMU_SYSTEM is not None
+    requests = (b'{"execute": "qmp_capabilities"}\n'
+                b'{"execute": "query-block"}\n'
+                b'{"execute": "human-monitor-command",'
+                b' "arguments": {"command-line": "info block -v"}}\n'
+                b'{"execute": "quit"}\n')
+    outputs = []
+    for command in ([QEMU_SYSTEM], [str(BLOCKGRAPH), "system"]):
+        proc = subprocess.Popen(
+            [*command, "-machine", "none", "-nodefaults", "-display", "none",
+             "-drive", "if=none,id=d0,file=a.qcow2,format=qcow2,read-only=on", "-qmp", "stdio"],
+            cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(requests)
+        proc.stdin.flush()
+        # QEMU must not see the end of its input before it has answered: greeting, three
+        # replies, SHUTDOWN, the reply to quit.
+        lines = [proc.stdout.readline() for _ in range(6)]
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+        text = b"".join(lines[1:]).decode()  # the greeting names the program's version
+        text = re.sub(r'"seconds": \d+, "microseconds": \d+', "TIMESTAMP", text)
+        outputs.append(re.sub(r"#block\d+", "#blockN", text))
+    assert outputs[1] == outputs[0]
+    reply = json.loads(outputs[0].splitlines()[1])["return"][0]["inserted"]["image"]
+    assert [(s["name"], s["vm-state-size"] > 0, "icount" in s) for s in reply["snapshots"]] == [
+        ("s1", True, False), ("x", False, True)]
+    assert outputs[0].count("Snapshot list:") == 1
