@@ -105,7 +105,10 @@ SCENARIOS = [
         "write -b -f 0 512", "write -b -P 3 1G 4k", "read -b -P 3 1G 4k",
         "read -b 0x7fffffff9ffffe00 512", "read -b 0x7fffffffa0000000 512",
         "write -b 0x7fffffffa0000000 512", "write -b 4P 512", "read -b 4P 512", "map",
-        "alloc 0 1M")),
+        "alloc 0 1M",
+        # Only read and write know -b.
+        "readv -b 0 512", "writev -b 0 512", "aio_read -b 0 512", "aio_write -b 0 512",
+        "aio_flush")),
     Scenario("vmstate-raw", _c("write -b 0 512", "read -b 0 512", "read -b 1 512"), fmt="raw"),
     Scenario("vmstate-read-only", ["-r", *_c("write -b 0 512", "read -b -P 0 0 512")]),
     Scenario("vmstate-writethrough", ["-t", "writethrough", *_c(
