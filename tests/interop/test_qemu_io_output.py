@@ -121,6 +121,12 @@ SCENARIOS = [
              create=["-o", "extended_l2=on,cluster_size=16k"]),
     Scenario("vmstate-compat010", _c("write -b -P 1 0 64k", "read -b -P 1 0 64k"),
              create=["-o", "compat=0.10"]),
+    # The area moves with the disk size; what was there becomes guest data (growing) or is
+    # cut off with its L2 table (shrinking), in QEMU as here.
+    Scenario("vmstate-truncate", _c("write -b -P 0x42 0 64k", "truncate 1G",
+                                    "read -P 0x42 512M 64k", "read -b -P 0 0 64k",
+                                    "write -b -P 0x43 0 64k", "truncate 512k",
+                                    "read -b -P 0 0 64k")),
     Scenario("vmstate-empty-disk", _c("write -b -P 4 0 512", "read -b -P 4 0 512",
                                       "read 0 512"), size="0"),
     # -- readv / writev --------------------------------------------------------------------
