@@ -98,14 +98,14 @@ def test_vmstate_reads_back_across_tools(tmp_path: Path, writer: str, options: s
         _check_clean(image)
     # Both tools lay the area out alike: past the disk, the L1 table grown the same way.
     assert _l1_layout(images["qemu"]) == _l1_layout(images["ours"])
-    l1_size, used = _l1_layout(images["ours"])
+    _, used = _l1_layout(images["ours"])
     assert used and min(used) >= 1  # nothing in the L1 entry that maps the 3 MiB disk
     image = images[writer]
     reads = [f"read -b -P {p:#x} {off} {n}" for off, n, p in WRITES]
     reads += ["read -b -P 0 8192 512", "read -b -P 0 512M 4k", "read -P 0 0 3M"]
     for reader in ("qemu", "ours"):
         _io(reader, image, *reads)
-    # The dump of the first cluster is the same through both tools, byte for byte.
+    # The hex dump around the small write is the same through both tools.
     dumps = {tool: _dump(tool, image, "read -b -v 8k 2k") for tool in ("qemu", "ours")}
     assert dumps["qemu"] == dumps["ours"]
     assert len(dumps["ours"]) == 128 and "5b 5b 5b 5b" in dumps["ours"][32]
@@ -132,7 +132,8 @@ def test_snapshot_keeps_vmstate_written_by_qemu_io(tmp_path: Path, creator: str)
     assert listings["qemu"] == listings["ours"]
     assert _snapshot_rows(listings["ours"]) == [["1", "snap1", "0", "B", "DATE", "00:00:00.000",
                                                  "0"]]
-    assert _info(image)["snapshots"] == [{**_info(image)["snapshots"][0], "vm-state-size": 0}]
+    [snapshot] = _info(image)["snapshots"]
+    assert (snapshot["vm-state-size"], snapshot["icount"]) == (0, 0)
     for tool in ("qemu", "ours"):
         _io(tool, image, "read -b -P 0x5a 0 128k")
     # Overwrite the area, then go back to the snapshot: the old VM state is back.
@@ -187,13 +188,13 @@ def test_savevm_snapshot_vm_size_and_state(tmp_path: Path) -> None:
     # (The files are not byte-identical: QEMU's apply also clears the COPIED flags in the
     # snapshot's own L1 table and punches a hole where the freed L2 table was; neither
     # changes what the image holds.)
-    dumps = [_dump(tool, image, "read -b -v 0 1k") for tool in ("qemu", "ours")
-             for image in copies.values()]
+    dumps = [_dump(tool, copy, "read -b -v 0 1k") for tool in ("qemu", "ours")
+             for copy in copies.values()]
     assert all(d == dumps[0] for d in dumps)
     assert "QEVM" in dumps[0][0]  # the migration stream's magic: the state really is there
     for tool in ("qemu", "ours"):
-        for image in copies.values():
-            _io(tool, image, "read -P 0 0 1M")
+        for copy in copies.values():
+            _io(tool, copy, "read -P 0 0 1M")
 
 
 def test_qmp_and_hmp_list_snapshots_like_qemu_system(tmp_path: Path) -> None:
