@@ -70,7 +70,8 @@ SCENARIOS = [
     # -- read / write and their flags ------------------------------------------------------
     Scenario("write-read-pattern", _c(
         "write -P 0x41 0 100", "read -P 0x41 0 100", "read -P 65 0 100", "read -P 0101 0 100",
-        "read -v 0 40", "read -v 10 20", "read -P 0x41 -s 10 -l 20 0 100",
+        "read -v 0 40", "read -v 10 20", "read -v -q 0 16", "write -P 0x5b 512 3",
+        "write -P 0x20 515 1", "write -P 0x7a 516 1", "read -v 508 16", "read -P 0x41 -s 10 -l 20 0 100",
         "read -P 0x41 -s 90 0 100", "read -P 0x42 0 512", "read -q 0 512", "read -C 0 4k",
         "read -C -q 0 1", "read -p 0 1", "read 0 0", "write 0 0")),
     Scenario("write-flags", _c(
@@ -94,10 +95,44 @@ SCENARIOS = [
     Scenario("raw-write-read", _c(
         "write -P 0xab 0 4k", "read -P 0xab 0 4k", "write -c 0 64k", "write -z -u 0 4k",
         "read -P 0 0 4k", "map", "alloc 0 1M", "info"), fmt="raw"),
+    # -- VM state (-b) ------------------------------------------------------------------------
+    Scenario("vmstate", _c(
+        "read -b -P 0 0 64k", "write -b -P 0x5a 0 64k", "read -b -P 0x5a 0 64k",
+        "read -b -P 0 64k 64k", "read -P 0 0 1M", "write -P 0x11 0 4k", "read -b -v 0 512",
+        "write -b -c -P 0x5b 512 512", "read -b -P 0x5b 512 512", "write -b -q 1k 512",
+        "read -b -C 0 512", "read -b -s 512 -l 512 -P 0x5b 0 1k", "write -b 1 512",
+        "write -b 0 100", "read -b 1 512", "read -b 0 100", "write -b -z 0 512",
+        "write -b -f 0 512", "write -b -P 3 1G 4k", "read -b -P 3 1G 4k",
+        "read -b 0x7fffffff9ffffe00 512", "read -b 0x7fffffffa0000000 512",
+        "write -b 0x7fffffffa0000000 512", "write -b 4P 512", "read -b 4P 512", "map",
+        "alloc 0 1M",
+        # Only read and write know -b.
+        "readv -b 0 512", "writev -b 0 512", "aio_read -b 0 512", "aio_write -b 0 512",
+        "aio_flush")),
+    Scenario("vmstate-raw", _c("write -b 0 512", "read -b 0 512", "read -b 1 512"), fmt="raw"),
+    Scenario("vmstate-read-only", ["-r", *_c("write -b 0 512", "read -b -P 0 0 512")]),
+    Scenario("vmstate-writethrough", ["-t", "writethrough", *_c(
+        "write -b -P 7 0 4k", "read -b -P 7 0 4k")]),
+    Scenario("vmstate-backing", _c("read -b -P 0 0 64k", "write -b -P 9 0 512",
+                                   "read -b -P 9 0 512", "read -P 0x11 0 64k"),
+             create=["-b", "base.qcow2", "-F", "qcow2"]),
+    Scenario("vmstate-extl2", _c("write -b -P 1 0 64k", "write -b -P 2 8k 512",
+                                 "read -b -P 1 0 8k", "read -b -P 2 8k 512", "read -P 0 0 1M"),
+             create=["-o", "extended_l2=on,cluster_size=16k"]),
+    Scenario("vmstate-compat010", _c("write -b -P 1 0 64k", "read -b -P 1 0 64k"),
+             create=["-o", "compat=0.10"]),
+    # The area moves with the disk size; what was there becomes guest data (growing) or is
+    # cut off with its L2 table (shrinking), in QEMU as here.
+    Scenario("vmstate-truncate", _c("write -b -P 0x42 0 64k", "truncate 1G",
+                                    "read -P 0x42 512M 64k", "read -b -P 0 0 64k",
+                                    "write -b -P 0x43 0 64k", "truncate 512k",
+                                    "read -b -P 0 0 64k")),
+    Scenario("vmstate-empty-disk", _c("write -b -P 4 0 512", "read -b -P 4 0 512",
+                                      "read 0 512"), size="0"),
     # -- readv / writev --------------------------------------------------------------------
     Scenario("readv-writev", _c(
         "writev -P 0x61 0 512 1k", "readv -P 0x61 0 512 1k", "readv -v 0 16 16",
-        "readv -P 0x62 0 512", "readv -q 0 512", "writev -q 0 512", "writev -f 0 512",
+        "readv -P 0x62 0 512", "readv -q 0 512", "readv -v -q 0 16", "writev -q 0 512", "writev -f 0 512",
         "writev -C 0 512 512", "readv -C 0 512 512", "writev -z 0 512", "readv", "readv 0",
         "writev 0", "readv 0 1x", "writev -P 300 0 1", "readv 2M 512", "writev 2M 512",
         "readv 0 3G", "readv 0 1G 1G 1G", "readv -x 0 1", "readv -q")),
@@ -105,7 +140,7 @@ SCENARIOS = [
     Scenario("aio", _c(
         "aio_write -P 0x61 0 512 1k", "aio_flush", "aio_read -P 0x61 0 512", "aio_flush",
         "aio_read -v 0 16", "aio_flush", "aio_read -P 0x99 0 16", "aio_flush",
-        "aio_read -q 0 16", "aio_flush", "aio_write -f 0 1", "aio_flush", "aio_read -C 0 1",
+        "aio_read -q 0 16", "aio_flush", "aio_read -q -v 0 16", "aio_flush", "aio_write -f 0 1", "aio_flush", "aio_read -C 0 1",
         "aio_flush", "aio_write -q 0 1", "aio_flush", "aio_read -i 0 1", "aio_write -i 0 1",
         "aio_read 2M 512", "aio_flush", "aio_write 2M 512", "aio_flush", "aio_write -u 0 1",
         "aio_read 0 3G", "aio_read 0", "aio_write -z 0 512 512", "aio_read -x 0 1",

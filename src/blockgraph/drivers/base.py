@@ -16,12 +16,16 @@ above does the padding and the bounds checks once for every driver.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from blockgraph.errors import ENOTSUP, BlockError, IOFailure
 from blockgraph.options.schema import OptionSpec
+
+# QEMU's BDRV_MAX_LENGTH: no request may reach past this byte (INT64_MAX rounded down to the
+# largest alignment a node can have, 1 GiB), so that no driver's arithmetic overflows.
+MAX_LENGTH = ((1 << 63) - 1) & ~((1 << 30) - 1)
 
 
 class ChildRole(enum.IntFlag):
@@ -152,6 +156,18 @@ class OpenContext(Protocol):
         ...
 
 
+class SnapshotInfo(Protocol):
+    """What a listing shows of one internal snapshot (QEMU's ``QEMUSnapshotInfo``)."""
+
+    id_str: str
+    name: str
+    vm_state_size: int  # bytes of VM state saved with it; 0 when no VM was saved
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    icount: int  # -1: not recorded
+
+
 @dataclass
 class DriverInfo:
     """What ``info block`` and ``query-*`` report about a node, as its driver knows it."""
@@ -231,6 +247,50 @@ class BlockDriver:
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         """Default for drivers that know nothing better: all data, allocated."""
         return BlockStatus(BlockStatusFlags.DATA | BlockStatusFlags.ALLOCATED, length)
+
+    # -- VM state ---------------------------------------------------------------------------
+    #
+    # A format that keeps a VM state area (qcow2 does, for savevm) sets ``has_vmstate`` and
+    # overrides both methods. Without it the request layer passes the request on to the
+    # node's primary child (a filter or raw over qcow2 still reaches it), as QEMU does.
+
+    has_vmstate: ClassVar[bool] = False
+
+    async def load_vmstate(self, pos: int, buf: memoryview) -> None:
+        """Read ``len(buf)`` bytes at ``pos`` of the VM state area into ``buf``.
+
+        Called with ``pos`` and the length aligned to :attr:`request_alignment`.
+        """
+        raise IOFailure(ENOTSUP)
+
+    async def save_vmstate(self, pos: int, buf: memoryview) -> None:
+        """Write ``buf`` at ``pos`` of the VM state area; aligned like :meth:`load_vmstate`."""
+        raise IOFailure(ENOTSUP)
+
+    # -- changes to the image's relation to its backing file ---------------------------------
+
+    async def make_empty(self) -> None:
+        """Drop everything the image holds, so that it reads through to its backing file.
+
+        QEMU's ``bdrv_make_empty`` (``qemu-img commit`` without ``-d``).
+
+        :raise IOFailure: ``ENOTSUP`` for formats that cannot, the default.
+        """
+        raise IOFailure(ENOTSUP)
+
+    async def change_backing_file(self, backing_file: str | None, backing_format: str | None) -> None:
+        """Record a new backing file name (and format) in the image's metadata.
+
+        Only the metadata changes, not the graph (QEMU's ``bdrv_change_backing_file``).
+
+        :raise BlockError: ``Operation not supported`` for formats without backing files (the
+            default), or QEMU's message when the name does not fit.
+        """
+        raise BlockError("Operation not supported")
+
+    def snapshot_list(self) -> Sequence[SnapshotInfo]:
+        """The image's internal snapshots; none for formats without them."""
+        return ()
 
     def info(self) -> DriverInfo:
         return DriverInfo()

@@ -50,7 +50,7 @@ GENERIC_OPTIONS: dict[str, OptionSpec] = {
     "force-share": opt(OptType.BOOL, False),
 }
 
-_DISCARD_MODES = {"ignore": False, "off": False, "unmap": True, "on": True}
+DISCARD_MODES = {"ignore": False, "off": False, "unmap": True, "on": True}
 _NODE_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,30}\Z")
 _MISSING = object()
 
@@ -421,14 +421,14 @@ class BlockLayer:
         if node_name is not None:
             self.check_node_name(str(node_name))
         discard = str(generic["discard"])
-        if discard not in _DISCARD_MODES:
+        if discard not in DISCARD_MODES:
             raise BlockError("Invalid discard option")
         aio = options.pop(AIO_FLAG, None)
         flags = NodeFlags(
             read_only=bool(generic["read-only"]) or (backend is not None and backend.read_only),
             direct=bool(generic["cache.direct"]),
             no_flush=bool(generic["cache.no-flush"]),
-            discard_unmap=_DISCARD_MODES[discard],
+            discard_unmap=DISCARD_MODES[discard],
             aio=str(aio) if aio is not None else None,
             check=check,
         )

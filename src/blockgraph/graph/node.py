@@ -192,6 +192,26 @@ class Node(IONode):
             "node-name": self.node_name, "amount-exceeded": end - threshold,
             "write-threshold": threshold})
 
+    async def make_empty(self) -> None:
+        """Drop everything this node's image holds, so that it reads through to its backing
+        file (QEMU's ``bdrv_make_empty``). The caller flushes when it wants it stable.
+
+        :raise IOFailure: ``EPERM`` on a read-only node, ``ENOTSUP`` if the format cannot.
+        """
+        self._check_writable()
+        await self.driver.make_empty()
+
+    async def change_backing_file(self, backing_file: str | None, backing_format: str | None) -> None:
+        """Write a new backing file name (and format) into the image's metadata.
+
+        QEMU's ``bdrv_change_backing_file``: only the image changes, the graph does not.
+
+        :raise BlockError: ``Operation not supported`` for formats without a backing file, or
+            when the new name does not fit.
+        """
+        self._check_writable()
+        await self.driver.change_backing_file(backing_file, backing_format)
+
     def backing_chain_depth(self) -> int:
         depth = 0
         node = self.backing
@@ -340,6 +360,17 @@ class BlockBackend:
     async def flush(self) -> None:
         self.stats.flush_operations += 1
         await self._root().flush()
+
+    async def load_vmstate(self, offset: int, buf: memoryview) -> None:
+        """Read the VM state area (``qemu-io read -b``); see :meth:`IONode.load_vmstate`."""
+        await self._root().load_vmstate(offset, buf)
+
+    async def save_vmstate(self, offset: int, buf: memoryview) -> None:
+        """Write the VM state area (``qemu-io write -b``); stable on return when writethrough."""
+        root = self._root()
+        await root.save_vmstate(offset, buf)
+        if not self.write_cache:
+            await root.flush()
 
     def getlength(self) -> int:
         return self._root().getlength()

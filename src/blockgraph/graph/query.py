@@ -7,8 +7,10 @@ QMP queries alike; the printing lives with each front end.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from blockgraph.drivers.base import SnapshotInfo
 from blockgraph.graph.node import Node
 
 
@@ -27,6 +29,7 @@ class ImageInfo:
     dirty_flag: bool = False
     encrypted: bool = False
     format_specific: dict[str, object] = field(default_factory=dict)
+    snapshots: Sequence[SnapshotInfo] = ()
     backing_image: ImageInfo | None = None
 
 
@@ -80,6 +83,7 @@ def image_info(node: Node, *, chain: bool = False) -> ImageInfo:
         encrypted=info.encrypted,
         dirty_flag=dirty,
         format_specific=specific,
+        snapshots=list(node.driver.snapshot_list()),
     )
     if chain and backing is not None:
         result.backing_image = image_info(backing, chain=True)

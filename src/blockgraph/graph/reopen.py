@@ -28,7 +28,7 @@ from typing import Any
 from blockgraph.drivers.base import ChildRole, NodeFlags
 from blockgraph.errors import BlockError
 from blockgraph.graph.inherit import AIO_FLAG, inherit_options
-from blockgraph.graph.layer import _DISCARD_MODES, GENERIC_OPTIONS, WRITETHROUGH_ERROR
+from blockgraph.graph.layer import DISCARD_MODES, GENERIC_OPTIONS, WRITETHROUGH_ERROR
 from blockgraph.graph.node import Node
 from blockgraph.options.keyval import extract_subdict
 from blockgraph.options.schema import convert_option
@@ -128,13 +128,13 @@ def _queue(
                 new[key] = spec.default
     new = {k: _typed(k, v) for k, v in new.items()}
     discard = str(new.get("discard", "ignore"))
-    if discard not in _DISCARD_MODES:
+    if discard not in DISCARD_MODES:
         raise BlockError("Invalid discard option")
     flags = NodeFlags(
         read_only=bool(new.get("read-only", False)),
         direct=bool(new.get("cache.direct", False)),
         no_flush=bool(new.get("cache.no-flush", False)),
-        discard_unmap=_DISCARD_MODES[discard],
+        discard_unmap=DISCARD_MODES[discard],
         no_backing=node.flags.no_backing,
         aio=node.flags.aio,
     )

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from blockgraph.drivers.base import (
+    MAX_LENGTH,
     BlockDriver,
     BlockStatus,
     BlockStatusFlags,
@@ -311,6 +312,59 @@ class IONode:
             await self.driver.flush_to_disk()
         for child in self.io_children():
             await child.flush()
+
+    # -- VM state ---------------------------------------------------------------------------
+    #
+    # The VM state area is a second address space next to the guest disk (QEMU's
+    # bdrv_co_readv_vmstate / bdrv_co_writev_vmstate). It is not guest data: no bounds of the
+    # disk, no statistics, no dirty bitmaps, no write threshold. A node whose driver keeps no
+    # such area passes the request to its primary child, so filters and raw over qcow2 reach
+    # qcow2's; at the bottom of the chain it fails with ENOTSUP.
+
+    def _vmstate_node(self, offset: int, length: int) -> IONode:
+        if offset < 0 or length < 0 or offset > MAX_LENGTH or length > MAX_LENGTH - offset:
+            raise IOFailure(errno.EIO)
+        node: IONode | None = self
+        while node is not None and not node.driver.has_vmstate:
+            node = node.primary_io_child()
+        if node is None:
+            raise IOFailure(errno.ENOTSUP)
+        return node
+
+    async def load_vmstate(self, offset: int, buf: memoryview) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` of the VM state area into ``buf``."""
+        node = self._vmstate_node(offset, len(buf))
+        if not len(buf):
+            return
+        align = node.driver.request_alignment
+        start = offset - offset % align
+        end = -(-(offset + len(buf)) // align) * align
+        if start == offset and end == offset + len(buf):
+            await node.driver.load_vmstate(offset, buf)
+            return
+        bounce = bytearray(end - start)
+        await node.driver.load_vmstate(start, memoryview(bounce))
+        buf[:] = memoryview(bounce)[offset - start : offset - start + len(buf)]
+
+    async def save_vmstate(self, offset: int, buf: memoryview) -> None:
+        """Write ``buf`` at ``offset`` of the VM state area."""
+        node = self._vmstate_node(offset, len(buf))
+        node._check_writable()
+        if not len(buf):
+            return
+        align = node.driver.request_alignment
+        start = offset - offset % align
+        end = -(-(offset + len(buf)) // align) * align
+        if start == offset and end == offset + len(buf):
+            await node.driver.save_vmstate(offset, buf)
+            return
+        # Unaligned: read-modify-write of the aligned blocks around it. VM state is saved by
+        # one writer in sequence (savevm), so nothing else can interleave here.
+        bounce = bytearray(end - start)
+        view = memoryview(bounce)
+        await node.driver.load_vmstate(start, view)
+        view[offset - start : offset - start + len(buf)] = buf
+        await node.driver.save_vmstate(start, view)
 
     # -- status -----------------------------------------------------------------------------
 

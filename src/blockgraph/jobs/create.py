@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from blockgraph.drivers.base import ChildRole
-from blockgraph.drivers.qcow2.create import _check_options, qcow2_create
+from blockgraph.drivers.qcow2.create import check_options, qcow2_create
 from blockgraph.errors import BlockError
 from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.node import Child, Node
@@ -113,10 +113,10 @@ class CreateJob(Job):
                 raise BlockError(f"blockdev-create option '{unsupported}' is not supported yet")
         kwargs = self._qcow2_kwargs()
         version = 3 if kwargs["compat"] == "1.1" else 2
-        _check_options(size, version, kwargs["cluster_size"], kwargs["refcount_bits"],
-                       kwargs["extended_l2"], kwargs["compression_type"],
-                       kwargs["lazy_refcounts"], kwargs["preallocation"],
-                       kwargs.get("backing_file"), kwargs.get("backing_format"))
+        check_options(size, version, kwargs["cluster_size"], kwargs["refcount_bits"],
+                      kwargs["extended_l2"], kwargs["compression_type"],
+                      kwargs["lazy_refcounts"], kwargs["preallocation"],
+                      kwargs.get("backing_file"), kwargs.get("backing_format"))
         file = self.options["file"]
         if isinstance(file, str):
             self._node = self.layer.lookup_bs(file)

@@ -169,14 +169,19 @@ def report_lines(verb: str, offset: int, total: int, count: int, ops: int, elaps
             f"({cvtstr(total / elapsed)}/sec and {ops / elapsed:.4f} ops/sec)"]
 
 
+# qemu-io shows a byte as itself only if it is a letter or digit (isalnum in the C locale);
+# punctuation and spaces are dots too.
+_DUMP_CHARS = "".join(chr(b) if chr(b).isascii() and chr(b).isalnum() else "." for b in range(256))
+
+
 def dump_lines(buf: bytes | bytearray | memoryview, offset: int) -> list[str]:
-    """``-v``: sixteen bytes a line, hex then printable characters."""
+    """``-v``: sixteen bytes a line, hex then the letters and digits among them."""
     lines = []
     data = bytes(buf)
     for pos in range(0, len(data), 16):
         chunk = data[pos : pos + 16]
         hexpart = "".join(f"{b:02x} " for b in chunk)
-        text = "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in chunk)
+        text = "".join(_DUMP_CHARS[b] for b in chunk)
         lines.append(f"{offset + pos:08x}:  {hexpart} {text}")
     return lines
 
@@ -652,8 +657,9 @@ class QemuIO:
         start = time.perf_counter()
         try:
             if "-b" in flags:
-                raise IOFailure(ENOTSUP)  # no driver here keeps a VM state area
-            await self._bb.preadv(offset, memoryview(buf))
+                await self._bb.load_vmstate(offset, memoryview(buf))
+            else:
+                await self._bb.preadv(offset, memoryview(buf))
         except (IOFailure, BlockError) as exc:
             self.out(f"read failed: {exc}")
             return False
@@ -662,7 +668,7 @@ class QemuIO:
         if pattern is not None and not self._verify(buf, start_off, verify_len, pattern):
             self.out(f"Pattern verification failed at offset {offset + start_off}, {verify_len} bytes")
             ok = False
-        if "-v" in flags:
+        if "-v" in flags and "-q" not in flags:  # qemu-io: -q silences the dump too
             for line in dump_lines(buf, offset):
                 self.out(line)
         self._report("read", offset, count, elapsed, flags)
@@ -736,7 +742,7 @@ class QemuIO:
         if pattern is not None and not self._verify(buf, 0, total, pattern):
             self.out(f"Pattern verification failed at offset {offset}, {total} bytes")
             ok = False
-        if "-v" in flags:
+        if "-v" in flags and "-q" not in flags:
             for line in dump_lines(buf, offset):
                 self.out(line)
         self._report("read", offset, total, elapsed, flags)
@@ -812,7 +818,7 @@ class QemuIO:
                     req_flags |= RequestFlags.NO_FALLBACK
                 await self._bb.pwrite_zeroes(offset, count, req_flags)
             elif "-b" in flags:
-                raise IOFailure(ENOTSUP)  # no driver here keeps a VM state area
+                await self._bb.save_vmstate(offset, memoryview(buf))
             elif "-c" in flags:
                 if not self._root.driver.supported_write_flags & RequestFlags.COMPRESSED:
                     raise IOFailure(ENOTSUP)
@@ -880,7 +886,7 @@ class QemuIO:
             lines = []
             if pattern is not None and not self._verify(buf, 0, total, pattern):
                 lines.append(f"Pattern verification failed at offset {offset}, {total} bytes")
-            if "-v" in flags:
+            if "-v" in flags and "-q" not in flags:
                 lines += dump_lines(buf, offset)
             if "-q" not in flags:
                 lines += report_lines("read", offset, total, total, 1, elapsed, "-C" in flags)

@@ -140,10 +140,16 @@ class _CreateContext:
         return False
 
 
-def _check_options(size: int, version: int, cluster_size: int, refcount_bits: int,
-                   extended_l2: bool, compression_type: str, lazy_refcounts: bool,
-                   preallocation: str, backing_file: str | None,
-                   backing_format: str | None) -> None:
+def check_options(size: int, version: int, cluster_size: int, refcount_bits: int,
+                  extended_l2: bool, compression_type: str, lazy_refcounts: bool,
+                  preallocation: str, backing_file: str | None,
+                  backing_format: str | None) -> None:
+    """Refuse qcow2 creation options QEMU refuses, with its messages, before anything is written.
+
+    Shared by ``img create`` and the ``blockdev-create`` job, so both reject the same input.
+
+    :raise BlockError: the first option QEMU would complain about.
+    """
     if cluster_size < 512 or cluster_size > (2 << 20) or cluster_size & (cluster_size - 1):
         raise BlockError("Cluster size must be a power of two between 512 and 2048k")
     if refcount_bits < 1 or refcount_bits > 64 or refcount_bits & (refcount_bits - 1):
@@ -207,7 +213,7 @@ async def qcow2_create(
         raise BlockError(f"Parameter 'version' does not accept value '{compat}'")
     version = _COMPAT_VERSIONS[compat]
     size = (size + 511) & ~511  # qemu-img rounds the disk size up to whole sectors
-    _check_options(size, version, cluster_size, refcount_bits, extended_l2, compression_type,
+    check_options(size, version, cluster_size, refcount_bits, extended_l2, compression_type,
                    lazy_refcounts, preallocation, backing_file, backing_format)
 
     cluster_bits = cluster_size.bit_length() - 1

@@ -415,6 +415,30 @@ class Qcow2Driver(BlockDriver):
     def snapshot_list(self) -> list[Snapshot]:
         return list(self.snapshots)
 
+    # ------------------------------------------------------------------ VM state and backing
+
+    has_vmstate = True
+
+    async def load_vmstate(self, pos: int, buf: memoryview) -> None:
+        from blockgraph.drivers.qcow2.vmstate import load_vmstate
+
+        await load_vmstate(self, pos, buf)
+
+    async def save_vmstate(self, pos: int, buf: memoryview) -> None:
+        from blockgraph.drivers.qcow2.vmstate import save_vmstate
+
+        await save_vmstate(self, pos, buf)
+
+    async def make_empty(self) -> None:
+        from blockgraph.drivers.qcow2.backing import make_empty
+
+        await make_empty(self)
+
+    async def change_backing_file(self, backing_file: str | None, backing_format: str | None) -> None:
+        from blockgraph.drivers.qcow2.backing import change_backing_file
+
+        await change_backing_file(self, backing_file, backing_format)
+
     async def close(self) -> None:
         if self.file is None or self.read_only or self._broken or not hasattr(self, "refcounts"):
             return  # never opened far enough to have metadata caches, or unusable

@@ -353,36 +353,3 @@ async def snapshot_delete(drv: Qcow2Driver, id_str: str | None, name: str | None
             drv.l1_table = new_l1
             await _write_active_l1(drv)
         await drv._write_caches()
-
-
-# ------------------------------------------------------------------ listing (qemu-img -l)
-
-def _size_to_str(size: int) -> str:
-    """QEMU's ``size_to_str``: 3 significant digits and a binary unit."""
-    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
-    i = 0
-    value = float(size)
-    while value >= 1024 and i < len(units) - 1:
-        value /= 1024
-        i += 1
-    if i == 0:
-        return f"{size} B"
-    text = f"{value:.3g}"
-    return f"{text} {units[i]}"
-
-
-def snapshot_list_text(snapshots: list[Snapshot]) -> str:
-    """``qemu-img snapshot -l`` output (empty when there are no snapshots)."""
-    if not snapshots:
-        return ""
-    lines = ["Snapshot list:",
-             f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"]
-    for sn in snapshots:
-        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn.date_sec))
-        secs, nsec = divmod(sn.vm_clock_nsec, 1_000_000_000)
-        clock = (f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}."
-                 f"{nsec // 1_000_000:03d}")
-        icount = "" if sn.icount < 0 else str(sn.icount)
-        lines.append(f"{sn.id_str:<9} {sn.name:<16} {_size_to_str(sn.vm_state_size):>8}"
-                     f"{date:>20}{clock:>13}{icount:>11}")
-    return "".join(line + "\n" for line in lines)

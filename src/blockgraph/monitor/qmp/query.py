@@ -7,7 +7,7 @@ QEMU's output order. Optional members are left out exactly where QEMU leaves the
 
 from __future__ import annotations
 
-from blockgraph.drivers.base import ChildRole
+from blockgraph.drivers.base import ChildRole, SnapshotInfo
 from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.node import BlockBackend, Node
 from blockgraph.graph.query import ImageInfo, image_info
@@ -19,6 +19,16 @@ _THROTTLE_BASE = ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")
 _THROTTLE_EXTRA = ("bps_max", "bps_rd_max", "bps_wr_max", "iops_max", "iops_rd_max",
                    "iops_wr_max", "bps_max_length", "bps_rd_max_length", "bps_wr_max_length",
                    "iops_max_length", "iops_rd_max_length", "iops_wr_max_length", "iops_size")
+
+
+def _snapshot(sn: SnapshotInfo) -> dict[str, object]:
+    secs, nsec = divmod(sn.vm_clock_nsec, 1_000_000_000)
+    out: dict[str, object] = {"id": sn.id_str, "name": sn.name, "vm-state-size": sn.vm_state_size,
+                              "date-sec": sn.date_sec, "date-nsec": sn.date_nsec,
+                              "vm-clock-sec": secs, "vm-clock-nsec": nsec}
+    if sn.icount >= 0:
+        out["icount"] = sn.icount
+    return out
 
 
 def _image(info: ImageInfo) -> dict[str, object]:
@@ -40,6 +50,8 @@ def _image(info: ImageInfo) -> dict[str, object]:
             out["full-backing-filename"] = info.full_backing_filename
         if info.backing_filename_format:
             out["backing-filename-format"] = info.backing_filename_format
+    if info.snapshots:
+        out["snapshots"] = [_snapshot(sn) for sn in info.snapshots]
     if info.backing_image is not None:
         out["backing-image"] = _image(info.backing_image)
     if info.format_specific and info.format == "qcow2":

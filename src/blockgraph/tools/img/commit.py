@@ -36,35 +36,6 @@ def _same_file(node: Node, name: str, top: Node) -> bool:
         return False
 
 
-async def make_empty(node: Node) -> None:
-    """Drop every cluster of a qcow2 image, so that it reads through to its backing file.
-
-    QEMU's ``bdrv_make_empty``. Done with the qcow2 driver's own L2 update (which frees the
-    clusters and passes the discards down), one L2 table at a time.
-    """
-    from blockgraph.drivers.qcow2.driver import Qcow2Driver
-
-    drv = node.driver
-    if not isinstance(drv, Qcow2Driver):
-        raise BlockError("Operation not supported")
-    async with drv._lock:
-        drv._discard_type = "snapshot"
-        try:
-            for l1_index, l1_entry in enumerate(list(drv.l1_table)):
-                if not l1_entry:
-                    continue
-                nb = drv.l2_size
-                entries = [e for e, _ in await drv._l2_entries(l1_index, 0, nb)]
-                if not any(entries):
-                    continue
-                l2_offset = await drv._get_l2_for_write(l1_index)
-                await drv._update_entries(l2_offset, 0, entries, [0] * nb)
-            await drv._write_caches()
-        finally:
-            drv._discard_type = "other"
-    await node.flush()
-
-
 def cmd_commit(prog: str, args: list[str]) -> int:
     try:
         opts, rest = getopt.gnu_getopt(args, "f:ht:b:dpqr:", ["help", "object=", "image-opts"])
@@ -135,7 +106,8 @@ def cmd_commit(prog: str, args: list[str]) -> int:
                     state.update(100.0 * pos / size if size else 100.0, 0)
                 layer.run(base_bb.flush())
                 if not drop:
-                    layer.run(make_empty(top))
+                    layer.run(top.make_empty())
+                    layer.run(top.flush())
             except IOFailure as exc:
                 raise Fail(f"Block job failed: {exc}") from None
             except BlockError as exc:

@@ -328,35 +328,3 @@ class Progress:
             self.last_print = current
             sys.stdout.write(f"    ({current:3.2f}/100%)\r")
             sys.stdout.flush()
-
-
-# -- backing file in the image header ----------------------------------------------------------
-
-
-async def change_backing_file(node: Node, backing_file: str | None, backing_fmt: str | None) -> None:
-    """Write a new backing file name (and format) into ``node``'s image header.
-
-    QEMU's ``bdrv_change_backing_file``: only the header changes, the graph does not.
-
-    :raise BlockError: ``Operation not supported`` for formats without a backing file, or when
-        the new name does not fit in the header cluster.
-    """
-    from blockgraph.drivers.qcow2.driver import Qcow2Driver
-    from blockgraph.drivers.qcow2.header import build_header_cluster
-
-    drv = node.driver
-    if not isinstance(drv, Qcow2Driver) or drv.file is None:
-        raise BlockError("Operation not supported")
-    h = drv.header
-    saved = (h.backing_file, h.backing_format, h.backing_file_offset, h.backing_file_size)
-    h.backing_file = backing_file or None
-    h.backing_format = backing_fmt if backing_file else None
-    try:
-        cluster = build_header_cluster(h)
-    except BlockError:
-        h.backing_file, h.backing_format, h.backing_file_offset, h.backing_file_size = saved
-        raise
-    # The header must not point at tables that are not on disk yet.
-    await node.flush()
-    await drv.file.pwritev(0, memoryview(cluster))
-    await drv.file.flush()

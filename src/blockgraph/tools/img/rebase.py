@@ -18,7 +18,6 @@ from blockgraph.tools.img.common import (
     F,
     Fail,
     Progress,
-    change_backing_file,
     node_status,
     open_image,
     root,
@@ -141,7 +140,7 @@ def cmd_rebase(prog: str, args: list[str]) -> int:
                 raise Fail(f"Could not change the backing file to '{new_base}': "
                            "backing format must be specified")
             try:
-                layer.run(change_backing_file(top, new_base or None, new_fmt))
+                layer.run(top.change_backing_file(new_base or None, new_fmt))
             except BlockError as exc:
                 raise Fail(f"Could not change the backing file to '{new_base}': {exc}") from None
             state.update(100, 0)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import getopt
 import sys
 
-from blockgraph.drivers.qcow2.snapshot import snapshot_list_text
 from blockgraph.errors import BlockError, IOFailure
 from blockgraph.graph.layer import BlockLayer
+from blockgraph.monitor.imageinfo import format_snapshot_list
 from blockgraph.tools.img.common import Fail as _Fail
 
 _ACTIONS = {"-l": "list", "-a": "apply", "-c": "create", "-d": "delete"}
@@ -53,12 +53,11 @@ def cmd_snapshot(prog: str, args: list[str]) -> int:
         except BlockError as exc:
             raise _Fail(f"Could not open '{filename}': {exc}") from None
         drv = node.driver
+        if action == "list":
+            sys.stdout.write(format_snapshot_list(drv.snapshot_list()))
+            return 0
         from blockgraph.drivers.qcow2.driver import Qcow2Driver
 
-        if action == "list":
-            if isinstance(drv, Qcow2Driver):
-                sys.stdout.write(snapshot_list_text(drv.snapshot_list()))
-            return 0
         if not isinstance(drv, Qcow2Driver):
             raise _Fail(f"Could not {_VERBS[action]} snapshot '{name}': -95 (Operation not "
                         "supported)")
