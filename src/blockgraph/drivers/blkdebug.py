@@ -37,6 +37,7 @@ from blockgraph.drivers.base import (
     ChildAccess,
     ChildRole,
     OpenContext,
+    PreallocMode,
     RequestFlags,
 )
 from blockgraph.errors import BlockError, IOFailure, OptionError
@@ -629,8 +630,8 @@ class BlkdebugDriver(BlockDriver):
         # The request layer flushes the image child after this, as it does below every node.
         self._check_rules(0, 0, "flush")
 
-    async def truncate(self, length: int) -> None:
-        await self._child().truncate(length)
+    async def truncate(self, length: int, prealloc: PreallocMode = "off") -> None:
+        await self._child().truncate(length, prealloc)
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         self._check_rules(offset, length, "block-status")

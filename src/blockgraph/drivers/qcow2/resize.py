@@ -21,7 +21,7 @@ import errno
 import struct
 from typing import TYPE_CHECKING
 
-from blockgraph.drivers.base import RequestFlags
+from blockgraph.drivers.base import PREALLOC_MODES, RequestFlags
 from blockgraph.drivers.qcow2.header import HEADER_OFFSET_L1, HEADER_OFFSET_SIZE, MAX_L1_SIZE
 from blockgraph.drivers.qcow2.tables import L1E_OFFSET_MASK, L1E_SIZE, L2E_OFFSET_MASK
 from blockgraph.errors import ENOTSUP, BlockError, IOFailure
@@ -29,7 +29,6 @@ from blockgraph.errors import ENOTSUP, BlockError, IOFailure
 if TYPE_CHECKING:
     from blockgraph.drivers.qcow2.driver import Qcow2Driver
 
-PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 _ZERO_CHUNK = 1 << 20
 
 
