@@ -548,6 +548,10 @@ class BlkdebugDriver(BlockDriver):
         self._strong_options = any(options.get(k) is not None for k in self._STRONG_OPTIONS) or any(
             k == p or k.startswith(p + ".") for k in options for p in _LIST_OPTIONS
         )
+        # Rules for the event "none" take effect from the start: QEMU fires it once when the
+        # node is opened (its set-state rules move the state, its errors are active until
+        # another event activates rules of its own).
+        await self.debug_event("none")
 
     @staticmethod
     def _checked(options: Mapping[str, Any], key: str, multiple_of: int) -> int:
