@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,14 +100,33 @@ def _binary(tmp_path: Path, impl: str) -> str:
     return str(link)
 
 
+# Built once per process and copied for each run: both implementations start from the very
+# same bytes, and the setup's qemu-io runs are paid once.
+_TEMPLATES: dict[tuple[str, ...], Path] = {}
+
+
+def _template(setup: list[str], base: Path) -> Path:
+    key = tuple(setup)
+    if key not in _TEMPLATES:
+        work = base / f"template{len(_TEMPLATES)}"
+        work.mkdir(parents=True)
+        for cmd in setup:
+            out, err, rc = _sh(cmd, work)
+            assert rc == 0, (cmd, err)
+        _TEMPLATES[key] = work
+    return _TEMPLATES[key]
+
+
+@pytest.fixture(scope="module")
+def template_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("templates")
+
+
 def run_case(tmp_path: Path, impl: str, args: str, checks: list[str],
-             setup: list[str] = SETUP) -> list[object]:
-    """Run ``args`` with qemu-img or ours in a fresh directory; return outputs and checks."""
+             setup: list[str] = SETUP, templates: Path | None = None) -> list[object]:
+    """Run ``args`` with qemu-img or ours in a fresh copy of the setup; return outputs and checks."""
     work = tmp_path / impl
-    work.mkdir()
-    for cmd in setup:
-        out, err, rc = _sh(cmd, work)
-        assert rc == 0, (cmd, err)
+    shutil.copytree(_template(setup, templates or tmp_path / "templates"), work, symlinks=True)
     out, err, rc = _sh(f"{_binary(tmp_path, impl)} {args}", work)
     results: list[object] = [_filter(out), _filter(err), rc]
     for check in checks:
@@ -115,17 +135,19 @@ def run_case(tmp_path: Path, impl: str, args: str, checks: list[str],
     return results
 
 
-def same_as_qemu(tmp_path: Path, args: str, checks: list[str], setup: list[str] = SETUP) -> None:
+def same_as_qemu(tmp_path: Path, args: str, checks: list[str], setup: list[str] = SETUP,
+                 templates: Path | None = None) -> None:
     require_qemu()
-    expected = run_case(tmp_path, "qemu", args, checks, setup)
-    got = run_case(tmp_path, "ours", args, checks, setup)
+    expected = run_case(tmp_path, "qemu", args, checks, setup, templates)
+    got = run_case(tmp_path, "ours", args, checks, setup, templates)
     assert "Traceback" not in str(got[1])
     assert got == expected
 
 
 @pytest.mark.parametrize("args,checks", RESIZE_CASES, ids=[c[0] for c in RESIZE_CASES])
-def test_resize_preallocation(tmp_path: Path, args: str, checks: list[str]) -> None:
-    same_as_qemu(tmp_path, args, checks)
+def test_resize_preallocation(tmp_path: Path, template_dir: Path, args: str,
+                              checks: list[str]) -> None:
+    same_as_qemu(tmp_path, args, checks, templates=template_dir)
 
 
 def test_resize_preallocation_content(tmp_path: Path) -> None:
@@ -136,6 +158,208 @@ def test_resize_preallocation_content(tmp_path: Path) -> None:
             case = tmp_path / f"{mode}-{name}"
             case.mkdir()
             for impl in ("qemu", "ours"):
-                run_case(case, impl, f"resize -f {fmt} --preallocation={mode} {name} 5M", [])
+                run_case(case, impl, f"resize -f {fmt} --preallocation={mode} {name} 5M", [],
+                         templates=tmp_path)
             out, err, rc = _sh(f"qemu-img compare -f {fmt} -F {fmt} qemu/{name} ours/{name}", case)
             assert (out, rc) == ("Images are identical.\n", 0), (mode, name, out, err)
+
+
+# -- convert ----------------------------------------------------------------------------------
+
+CONVERT_SETUP = [
+    "qemu-img create -f qcow2 s.qcow2 1M",
+    "qemu-io -c 'write -P 1 0 64k' -c 'write -P 2 512k 64k' s.qcow2",
+    "qemu-img create -f qcow2 t.qcow2 1M",
+    "qemu-img create -f raw t.raw 1M",
+    "qemu-img create -f qcow2 -b s.qcow2 -F qcow2 tb.qcow2",
+    # Raw sources read through blkdebug: x is 4 MiB of data, y 8 KiB.
+    "qemu-img create -f raw x 4M",
+    "qemu-io -f raw -c 'write -P 7 0 4M' x",
+    "qemu-img create -f raw y 8k",
+    "qemu-io -f raw -c 'write -P 7 0 8k' y",
+    # Persistent bitmaps: b1, b2 (128k granularity), b3 (disabled), b0 added after some writes.
+    "qemu-img create -f qcow2 bs.qcow2 4M",
+    "qemu-img bitmap --add bs.qcow2 b1",
+    "qemu-img bitmap --add -g 128k bs.qcow2 b2",
+    "qemu-img bitmap --add --disable bs.qcow2 b3",
+    "qemu-io -c 'write 0 64k' -c 'write 1M 64k' bs.qcow2",
+    "qemu-img bitmap --add bs.qcow2 b0",
+    "qemu-io -c 'write 2M 64k' bs.qcow2",
+    # A process killed while the image is open leaves every bitmap in use (inconsistent);
+    # ib2 then gets a consistent one too.
+    "cp bs.qcow2 ib.qcow2 && qemu-img bitmap --add ib.qcow2 b4",
+    "qemu-io -c 'sigraise 9' ib.qcow2 || true",
+    "cp bs.qcow2 ib2.qcow2",
+    "qemu-io -c 'sigraise 9' ib2.qcow2 || true",
+    "qemu-img bitmap --add ib2.qcow2 fresh",
+    "qemu-img create -f qcow2 nb.qcow2 4M",
+    "qemu-img bitmap --add nb.qcow2 b2",
+    "qemu-img create -f qcow2 nb8.qcow2 8M",
+    "qemu-img create -f qcow2 -o compat=0.10 v2.qcow2 4M",
+]
+
+
+def _blkdebug(image: str, *rules: str) -> str:
+    """A raw json: filename reading ``image`` through blkdebug with the given rules."""
+    return ("'json:{\"driver\":\"raw\",\"file\":{\"driver\":\"blkdebug\",\"inject-error\":["
+            + ",".join(rules) + "],\"image\":{\"driver\":\"file\",\"filename\":\"" + image
+            + "\"}}}'")
+
+
+_READ_EIO = '{"event":"read_aio","errno":5}'
+_READ_EIO_4100 = '{"event":"read_aio","errno":5,"sector":4100}'
+_READ_ENOSPC_4096 = '{"event":"read_aio","errno":28,"sector":4096}'
+_READ_EIO_ONCE = '{"event":"read_aio","errno":5,"once":true}'
+_STATUS_EIO = '{"event":"none","iotype":"block-status","errno":5}'
+_STATUS_EIO_4096 = '{"event":"none","iotype":"block-status","errno":5,"sector":4096}'
+_STATUS_AND_READ_3 = ('{"event":"none","iotype":"block-status","errno":5,"sector":3},'
+                      '{"event":"read_aio","errno":5,"sector":3}')
+
+
+def _image(name: str, fmt: str = "qcow2") -> list[str]:
+    """What a converted image holds: same data as the source, clean, same allocation map."""
+    checks = [f"qemu-img map --output=json -f {fmt} {name}"]
+    if fmt == "qcow2":
+        checks += [f"qemu-img check {name}", f"qemu-img info {name}"]
+    return checks
+
+
+def _same_data(src: str, name: str, src_fmt: str = "qcow2", fmt: str = "qcow2") -> str:
+    return f"qemu-img compare -f {src_fmt} -F {fmt} {src} {name}"
+
+
+CONVERT_CASES: list[tuple[str, list[str]]] = [
+    # -m / -W / -r: validated; the copy itself is the same.
+    *[(f"convert -m '{m}' -O qcow2 s.qcow2 o.qcow2", [])
+      for m in ("0", "17", "abc", "1x", "-1", "08", "0x11", "8 ")],
+    *[(f"convert -m {m} -O qcow2 s.qcow2 o.qcow2", [_same_data("s.qcow2", "o.qcow2"),
+                                                    *_image("o.qcow2")])
+      for m in ("1", "16", "0x8", "010", "' 8'", "+8")],
+    ("convert -W -O qcow2 s.qcow2 o.qcow2", [_same_data("s.qcow2", "o.qcow2"), *_image("o.qcow2")]),
+    ("convert -W -m 4 -c -O qcow2 s.qcow2 o.qcow2", [_same_data("s.qcow2", "o.qcow2"),
+                                                   "qemu-img check o.qcow2"]),
+    ("convert -W -S 0 -O raw s.qcow2 o.raw", [_same_data("s.qcow2", "o.raw", fmt="raw")]),
+    ("convert -r 1M -O qcow2 s.qcow2 o.qcow2", [_same_data("s.qcow2", "o.qcow2"),
+                                                *_image("o.qcow2")]),
+    ("convert -r 0 -O qcow2 s.qcow2 o.qcow2", [_same_data("s.qcow2", "o.qcow2")]),
+    ("convert -r 1.5G -O qcow2 s.qcow2 o.qcow2", [_same_data("s.qcow2", "o.qcow2")]),
+    *[(f"convert -r {r} -O qcow2 s.qcow2 o.qcow2", []) for r in ("abc", "-5", "1x")],
+    # --target-is-zero
+    ("convert --target-is-zero -O raw s.qcow2 o.raw", []),
+    ("convert --target-is-zero x", []),
+    ("convert -n --target-is-zero x", []),
+    ("convert -n --target-is-zero -O raw s.qcow2 t.raw",
+     [_same_data("s.qcow2", "t.raw", fmt="raw"), *_image("t.raw", "raw")]),
+    ("convert -n --target-is-zero -O qcow2 s.qcow2 t.qcow2",
+     [_same_data("s.qcow2", "t.qcow2"), *_image("t.qcow2")]),
+    ("convert -n --target-is-zero -O qcow2 s.qcow2 tb.qcow2", [_same_data("s.qcow2", "tb.qcow2")]),
+    ("convert -n --target-is-zero -B s.qcow2 -O qcow2 s.qcow2 t.qcow2", _image("t.qcow2")),
+    ("convert -n -B s.qcow2 -O qcow2 s.qcow2 t.qcow2", [_same_data("s.qcow2", "t.qcow2"),
+                                                       *_image("t.qcow2")]),
+    # --image-opts / --target-image-opts
+    ("convert --image-opts -O qcow2 driver=qcow2,file.filename=s.qcow2 o.qcow2",
+     [_same_data("s.qcow2", "o.qcow2"), *_image("o.qcow2")]),
+    ("convert --image-opts -O qcow2 file.filename=s.qcow2 o.qcow2",
+     [_same_data("s.qcow2", "o.qcow2")]),
+    ("convert --image-opts -f qcow2 -O raw driver=qcow2,file.filename=s.qcow2 o.raw", []),
+    ("convert --image-opts -O raw s.qcow2 o.raw", []),
+    ("convert --image-opts -O raw driver=qcow2,file.filename=nonexist o.raw", []),
+    ("convert --image-opts -O raw driver=qcow2,file.filename=s.qcow2,bogus=1 o.raw", []),
+    ("convert --image-opts -O raw "
+     "'json:{\"driver\":\"qcow2\",\"file\":{\"driver\":\"file\",\"filename\":\"s.qcow2\"}}' o.raw",
+     []),
+    ("convert --target-image-opts -O raw s.qcow2 driver=raw,file.filename=t.raw", []),
+    ("convert --target-image-opts x", []),
+    ("convert -n --target-image-opts -O raw s.qcow2 driver=raw,file.filename=t.raw", []),
+    ("convert -n --target-image-opts s.qcow2 driver=raw,file.filename=t.raw",
+     [_same_data("s.qcow2", "t.raw", fmt="raw")]),
+    ("convert -n --target-image-opts s.qcow2 driver=qcow2,file.filename=t.qcow2",
+     [_same_data("s.qcow2", "t.qcow2"), *_image("t.qcow2")]),
+    ("convert -n --target-image-opts s.qcow2 driver=qcow2,file.filename=nonexist", []),
+    ("convert -n --target-image-opts s.qcow2 t.raw", []),
+    ("convert -n --target-image-opts -o cluster_size=4k s.qcow2 driver=raw,file.filename=t.raw", []),
+    ("convert -n --target-image-opts -c s.qcow2 driver=raw,file.filename=t.raw", []),
+    ("convert -n --target-image-opts -c s.qcow2 driver=qcow2,file.filename=t.qcow2",
+     [_same_data("s.qcow2", "t.qcow2"), "qemu-img check t.qcow2"]),
+    # Which error wins when several apply (qemu-img checks before it opens the sources).
+    ("convert --skip-broken-bitmaps --target-is-zero --target-image-opts x y", []),
+    ("convert --target-is-zero --target-image-opts x y", []),
+    ("convert --target-is-zero -B b x y", []),
+    ("convert --skip-broken-bitmaps -m 0 x y", []),
+    ("convert --skip-broken-bitmaps x", []),
+    ("convert --bitmaps x y z", []),
+    ("convert --bitmaps -B b x y z", []),
+    ("convert -B b -O qcow2 --bitmaps x y z", []),
+    ("convert -O qcow2 -o backing_file=b --bitmaps x y z", []),
+    ("convert -O qcow2 -o foo=1 --bitmaps x y z", []),
+    ("convert -O qcow2 -o cluster_size=abc x y z", []),
+    ("convert -O raw -o backing_file=b x y", []),
+    ("convert -O raw -o foo=1 -B b x y", []),
+    ("convert -n -O raw -o foo=1 -B b x y", []),
+    ("convert -n -o cluster_size=4k --target-image-opts x y", []),
+    ("convert -c -B b x y", []),
+    ("convert -c -B b -O qcow2 x y", []),
+    ("convert -O qcow2 -B b -F qcow2 x y z", []),
+    ("convert -n -O foo s.qcow2 t.qcow2", []),
+    ("convert -O qcow2 -o lazy_refcounts=abc s.qcow2 o.qcow2", []),
+    # --salvage (-m 1: with parallel requests qemu-img's warnings interleave; see below)
+    *[(f"convert -m 1 --salvage -f raw {_blkdebug(img, rule)} -O qcow2 out.qcow2",
+       [_same_data(img, "out.qcow2", src_fmt="raw"), *_image("out.qcow2")])
+      for img, rule in (("y", _READ_EIO), ("x", _READ_EIO_4100), ("x", _READ_ENOSPC_4096),
+                        ("x", _READ_EIO_ONCE), ("x", _STATUS_EIO_4096), ("y", _STATUS_EIO),
+                        ("y", _STATUS_AND_READ_3))],
+    *[(f"convert -m 1 --salvage -f raw {_blkdebug(img, rule)} -O raw out.raw", [])
+      for img, rule in (("x", _READ_EIO_4100), ("y", _STATUS_AND_READ_3))],
+    *[(f"convert -m 1 -f raw {_blkdebug(img, rule)} -O raw out.raw", [])
+      for img, rule in (("y", _READ_EIO), ("x", _READ_EIO_4100), ("x", _READ_ENOSPC_4096),
+                        ("x", _STATUS_EIO_4096), ("y", _STATUS_AND_READ_3))],
+    # --bitmaps
+    ("convert --bitmaps -O qcow2 bs.qcow2 o.qcow2", [_same_data("bs.qcow2", "o.qcow2"),
+                                                     *_image("o.qcow2")]),
+    ("convert --bitmaps --skip-broken-bitmaps -O qcow2 bs.qcow2 o.qcow2", _image("o.qcow2")),
+    ("convert --bitmaps -c -O qcow2 bs.qcow2 o.qcow2", ["qemu-img info o.qcow2",
+                                                        "qemu-img check o.qcow2"]),
+    ("convert --bitmaps -O qcow2 -o cluster_size=4k bs.qcow2 o.qcow2", _image("o.qcow2")),
+    ("convert --bitmaps --image-opts -O qcow2 driver=qcow2,file.filename=bs.qcow2 o.qcow2",
+     _image("o.qcow2")),
+    ("convert --bitmaps -O raw bs.qcow2 o.raw", ["ls o.raw"]),
+    ("convert --bitmaps -f raw -O qcow2 y o.qcow2", ["ls o.qcow2"]),
+    ("convert --bitmaps -O qcow2 v2.qcow2 o.qcow2", ["ls o.qcow2"]),
+    ("convert --bitmaps -n bs.qcow2 v2.qcow2", []),
+    ("convert --bitmaps -n -O qcow2 bs.qcow2 v2.qcow2", ["qemu-img check v2.qcow2"]),
+    ("convert --bitmaps -O qcow2 -o compat=0.10 bs.qcow2 o.qcow2", ["qemu-img info o.qcow2"]),
+    # The target's own b2 stays; b0, b3 are created before b2 fails (newest first).
+    ("convert --bitmaps -n -O qcow2 bs.qcow2 nb.qcow2", ["qemu-img info nb.qcow2",
+                                                        "qemu-img check nb.qcow2",
+                                                        _same_data("bs.qcow2", "nb.qcow2")]),
+    ("convert --bitmaps -n -O qcow2 bs.qcow2 nb8.qcow2", ["qemu-img info nb8.qcow2",
+                                                         "qemu-img check nb8.qcow2"]),
+    ("convert --bitmaps -O qcow2 ib.qcow2 o.qcow2", ["ls o.qcow2"]),
+    ("convert --bitmaps --skip-broken-bitmaps -O qcow2 ib.qcow2 o.qcow2",
+     [_same_data("ib.qcow2", "o.qcow2"), *_image("o.qcow2")]),
+    ("convert --bitmaps --skip-broken-bitmaps -O qcow2 ib2.qcow2 o.qcow2",
+     [_same_data("ib2.qcow2", "o.qcow2"), *_image("o.qcow2")]),
+    ("convert --bitmaps -O qcow2 bs.qcow2 bs.qcow2 o.qcow2", []),
+]
+
+
+@pytest.mark.parametrize("args,checks", CONVERT_CASES, ids=[c[0] for c in CONVERT_CASES])
+def test_convert_options(tmp_path: Path, template_dir: Path, args: str,
+                         checks: list[str]) -> None:
+    same_as_qemu(tmp_path, args, checks, CONVERT_SETUP, template_dir)
+
+
+@pytest.mark.parametrize("rule", [_READ_EIO, _READ_EIO_4100, _STATUS_EIO])
+def test_convert_salvage_parallel(tmp_path: Path, template_dir: Path, rule: str) -> None:
+    """With qemu-img's default 8 coroutines its warnings interleave; ours come in order.
+
+    The same warnings (as a multiset), the same exit status and the same image.
+    """
+    args = f"convert --salvage -f raw {_blkdebug('x', rule)} -O qcow2 out.qcow2"
+    checks = [_same_data("x", "out.qcow2", src_fmt="raw"), "qemu-img check out.qcow2"]
+    require_qemu()
+    expected = run_case(tmp_path, "qemu", args, checks, CONVERT_SETUP, template_dir)
+    got = run_case(tmp_path, "ours", args, checks, CONVERT_SETUP, template_dir)
+    assert isinstance(expected[1], str) and isinstance(got[1], str)
+    assert sorted(got[1].splitlines()) == sorted(expected[1].splitlines())
+    assert [got[0], *got[2:]] == [expected[0], *expected[2:]]
