@@ -75,6 +75,13 @@ RESIZE_CASES: list[tuple[str, list[str]]] = [
     ("resize -f raw --preallocation=falloc r.raw -- -2M", []),
     ("resize -f raw --preallocation=falloc --preallocation=off r.raw 2M", _RAW_ALLOC),
     ("resize -f raw --shrink --preallocation=off r.raw 512K", _RAW_ALLOC),
+    # --image-opts
+    ("resize --image-opts driver=raw,file.filename=r.raw 2M", _RAW_ALLOC),
+    ("resize --image-opts --preallocation=full driver=qcow2,file.filename=q.qcow2 2M",
+     _QCOW2_ALLOC),
+    ("resize --image-opts -f raw driver=raw,file.filename=r.raw 2M", []),
+    ("resize --image-opts r.raw 2M", []),
+    ("resize --image-opts driver=qcow2,file.filename=nonexist 2M", []),
 ]
 
 
@@ -302,6 +309,13 @@ CONVERT_CASES: list[tuple[str, list[str]]] = [
     ("convert -O qcow2 -B b -F qcow2 x y z", []),
     ("convert -n -O foo s.qcow2 t.qcow2", []),
     ("convert -O qcow2 -o lazy_refcounts=abc s.qcow2 o.qcow2", []),
+    # -C (copy offloading): accepted, but not with -c, -S or --salvage.
+    ("convert -C -O qcow2 s.qcow2 o.qcow2", [_same_data("s.qcow2", "o.qcow2"), *_image("o.qcow2")]),
+    ("convert -C -c -O qcow2 s.qcow2 o.qcow2", []),
+    ("convert -C -S 0 -O qcow2 s.qcow2 o.qcow2", []),
+    ("convert --salvage -C -O qcow2 s.qcow2 o.qcow2", []),
+    ("convert --salvage -C -c -S 0 --skip-broken-bitmaps x y", []),
+    ("convert --salvage -C -S 0 --target-image-opts x y", []),
     # --salvage (-m 1: with parallel requests qemu-img's warnings interleave; see below)
     *[(f"convert -m 1 --salvage -f raw {_blkdebug(img, rule)} -O qcow2 out.qcow2",
        [_same_data(img, "out.qcow2", src_fmt="raw"), *_image("out.qcow2")])

@@ -430,6 +430,7 @@ def cmd_convert(prog: str, args: list[str]) -> int:
     out_base: str | None = None
     out_base_fmt: str | None = None
     compress = progress = quiet = skip_create = target_is_zero = False
+    copy_range = explicit_sparse = False
     salvage = bitmaps = skip_broken = image_opts = target_image_opts = False
     rate_limit = 0
     options_given = False
@@ -458,6 +459,10 @@ def cmd_convert(prog: str, args: list[str]) -> int:
                 raise Fail(str(exc)) from None
         elif flag == "-S":
             min_sparse = _parse_sparse(value)
+            explicit_sparse = True
+        elif flag == "-C":
+            # Copy offloading (copy_file_range) moves the same bytes; the copy loop is used.
+            copy_range = True
         elif flag == "-p":
             progress = True
         elif flag == "-t":
@@ -491,6 +496,12 @@ def cmd_convert(prog: str, args: list[str]) -> int:
         progress = False
     if skip_broken and not bitmaps:
         raise Fail("Use of --skip-broken-bitmaps requires --bitmaps")
+    if copy_range and compress:
+        raise Fail("Cannot enable copy offloading when -c is used")
+    if copy_range and explicit_sparse:
+        raise Fail("Cannot enable copy offloading when -S is used")
+    if copy_range and salvage:
+        raise Fail("Cannot use copy offloading in salvaging mode")
     if target_image_opts and not skip_create:
         raise Fail("--target-image-opts requires use of -n flag")
     if skip_create and options_given:

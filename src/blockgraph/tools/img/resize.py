@@ -32,7 +32,7 @@ def cmd_resize(prog: str, args: list[str]) -> int:
     if rest and rest[-1] == "--":
         rest = rest[:-1]
     fmt: str | None = None
-    quiet = shrink = False
+    quiet = shrink = image_opts = False
     prealloc: PreallocMode = "off"
     for flag, value in opts:
         if flag == "-f":
@@ -41,6 +41,8 @@ def cmd_resize(prog: str, args: list[str]) -> int:
             quiet = True
         elif flag == "--shrink":
             shrink = True
+        elif flag == "--image-opts":
+            image_opts = True
         elif flag == "--preallocation":
             # Checked as the option is parsed: qemu-img reports it before a bad size.
             mode = PREALLOC_MODES.get(value)
@@ -60,7 +62,7 @@ def cmd_resize(prog: str, args: list[str]) -> int:
         raise Fail(_SIZE_ERROR, tail=_SIZE_TAIL) from None
     layer = BlockLayer()
     try:
-        bb = open_image(layer, filename, fmt, read_only=False)
+        bb = open_image(layer, filename, fmt, read_only=False, image_opts=image_opts, prog=prog)
         current = bb.getlength()
         total = current + relative * size if relative else size
         if total <= 0:
