@@ -377,3 +377,18 @@ def test_convert_salvage_parallel(tmp_path: Path, template_dir: Path, rule: str)
     assert isinstance(expected[1], str) and isinstance(got[1], str)
     assert sorted(got[1].splitlines()) == sorted(expected[1].splitlines())
     assert [got[0], *got[2:]] == [expected[0], *expected[2:]]
+
+
+# The other subcommands that take --image-opts parse it the same way (common.parse_image_opts).
+IMAGE_OPTS_CASES: list[tuple[str, list[str]]] = [
+    ("check --image-opts s.qcow2", []),
+    ("check --image-opts a,b=1", []),
+    ("check --image-opts driver=qcow2,file.filename=s.qcow2", []),
+    ("bitmap --add --image-opts s.qcow2 bx", []),
+    ("bitmap --add --image-opts driver=qcow2,file.filename=s.qcow2 bx", ["qemu-img info s.qcow2"]),
+]
+
+
+@pytest.mark.parametrize("args,checks", IMAGE_OPTS_CASES, ids=[c[0] for c in IMAGE_OPTS_CASES])
+def test_image_opts(tmp_path: Path, template_dir: Path, args: str, checks: list[str]) -> None:
+    same_as_qemu(tmp_path, args, checks, CONVERT_SETUP, template_dir)

@@ -4,6 +4,13 @@ The source is walked by block status in runs; data runs are read into one 2 MiB 
 split into zero and data runs by C-speed searches (``-S``, default 4 KiB): zero runs are
 skipped on a zero-initialised target, written as zeroes otherwise, data runs are written in
 one request each. With ``-c`` whole clusters go to the target with the COMPRESSED flag.
+
+Options around the copy: ``--salvage`` turns unreadable sectors into zeroes (and sectors whose
+block status fails into data), warning for each; ``--bitmaps`` copies the persistent bitmaps
+once the data is written; ``-r`` throttles the target's writes. The copy runs in order, one
+request at a time, so ``-m`` and ``-W`` are validated only, and ``-C`` (copy offloading)
+copies through the same loop. Option errors come in qemu-img's order: everything that can be
+checked without the images is checked before a source is opened.
 """
 
 from __future__ import annotations
