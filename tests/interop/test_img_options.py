@@ -34,6 +34,13 @@ SETUP = [
     # Whole clusters: a partial one would leave an unwritten extent whose SEEK_DATA answer
     # (and so qemu-img map's "zero") depends on the kernel's writeback, not on us.
     "qemu-io -c 'write -P 3 128k 64k' ov.qcow2",
+    # An overlay shorter than its backing file: growing it must not show the backing's tail.
+    "qemu-img create -f qcow2 lb.qcow2 2M",
+    "qemu-io -c 'write -P 9 0 2M' lb.qcow2",
+    "qemu-img create -f qcow2 -b lb.qcow2 -F qcow2 lo.qcow2 1M",
+    # What lo.qcow2 must read as after growing: its first 1M, then zeroes.
+    "qemu-img create -f raw lo-expected.raw 1M",
+    "qemu-io -f raw -c 'write -P 9 0 1M' lo-expected.raw",
 ]
 
 # The exact cluster layout is the driver's business; what is allocated and how is not.
@@ -61,6 +68,10 @@ RESIZE_CASES: list[tuple[str, list[str]]] = [
     ("resize -f qcow2 --preallocation=full q.qcow2 +1000", _QCOW2_ALLOC),
     ("resize --preallocation=metadata ov.qcow2 2M", _OV_ALLOC),
     ("resize --preallocation=full ov.qcow2 3M", _OV_ALLOC),
+    *[(f"resize --preallocation={m} lo.qcow2 {size}",
+       ["qemu-img map --output=json lo.qcow2", "qemu-img check lo.qcow2",
+        "qemu-img compare -f qcow2 -F raw lo.qcow2 lo-expected.raw"])
+      for m in ("off", "metadata", "falloc", "full") for size in ("3M", "1536K")],
     # Errors: bad mode (before the size is even parsed), no growth, shrink.
     ("resize --preallocation=bogus r.raw 3M", []),
     ("resize --preallocation= r.raw 3M", []),

@@ -207,10 +207,11 @@ async def truncate(drv: Qcow2Driver, length: int, prealloc: str = "off") -> None
         tail_dirty = old % cs != 0 and not await drv._is_zero(old, aligned_old - old)
     if tail_dirty:
         await _zero_range(drv, old, min(aligned_old, length) - old)
-    if drv.backing is not None:
-        blen = drv.backing.getlength()
-        if blen > old:
-            await _zero_range(drv, old, min(blen, length) - old)
+    if drv.backing is not None and drv.backing.getlength() > old and prealloc in ("off", "metadata"):
+        # As QEMU does when a backing file reaches past the old end: the whole new area gets
+        # zero clusters (preallocated ones stay allocated), not just the part the backing
+        # file covers. falloc and full already wrote zeroes into their clusters.
+        await _zero_range(drv, old, length - old)
 
 
 async def _write_size(drv: Qcow2Driver, length: int) -> None:
