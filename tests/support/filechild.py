@@ -16,6 +16,7 @@ from blockgraph.drivers.base import (
     ChildAccess,
     ChildRole,
     NodeFlags,
+    PreallocMode,
     RequestFlags,
 )
 from blockgraph.errors import BlockError
@@ -77,7 +78,7 @@ class FileChild:
         self.flushes += 1
         os.fdatasync(self.fd)
 
-    async def truncate(self, length: int) -> None:
+    async def truncate(self, length: int, prealloc: PreallocMode = "off") -> None:
         os.ftruncate(self.fd, length)
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
@@ -135,8 +136,8 @@ class DriverChild:
     async def flush(self) -> None:
         await self.driver.flush_to_os()
 
-    async def truncate(self, length: int) -> None:
-        await self.driver.truncate(length)
+    async def truncate(self, length: int, prealloc: PreallocMode = "off") -> None:
+        await self.driver.truncate(length, prealloc)
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         return await self.driver.block_status(offset, length)

@@ -20,6 +20,7 @@ from blockgraph.drivers.base import (
     ChildAccess,
     ChildRole,
     NodeFlags,
+    PreallocMode,
     RequestFlags,
 )
 from blockgraph.errors import BlockError, IOFailure
@@ -104,7 +105,7 @@ class MemChild:
         self.calls.append(("flush", 0, 0, RequestFlags.NONE))
         self.flushes += 1
 
-    async def truncate(self, length: int) -> None:
+    async def truncate(self, length: int, prealloc: PreallocMode = "off") -> None:
         self.calls.append(("truncate", length, 0, RequestFlags.NONE))
         if length < len(self.data):
             del self.data[length:]
@@ -182,8 +183,8 @@ class DriverChild:
         await self.driver.flush_to_os()
         await self.driver.flush_to_disk()
 
-    async def truncate(self, length: int) -> None:
-        await self.driver.truncate(length)
+    async def truncate(self, length: int, prealloc: PreallocMode = "off") -> None:
+        await self.driver.truncate(length, prealloc)
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         return await self.driver.block_status(offset, length)

@@ -506,3 +506,25 @@ def test_class_attributes() -> None:
     assert set(BlkdebugDriver.runtime_options) == {
         "config", "x-image", "align", "max-transfer", "opt-write-zero", "max-write-zero",
         "opt-discard", "max-discard"}
+
+
+def test_none_event_fires_at_open() -> None:
+    # qemu-io -c 'read 0 512' 'json:{"driver":"blkdebug","inject-error":[{"event":"none",
+    #   "iotype":"read","errno":5}],"image":{...}}': read failed: Input/output error
+    drv, _, _ = open_blkdebug({"inject-error.0.event": "none", "inject-error.0.iotype": "read"})
+    assert read(drv) == "EIO"
+
+
+def test_none_event_set_state_at_open_and_rules_replaced_by_later_events() -> None:
+    # set-state on none moves 1 -> 2 at open: a read_aio rule for state 2 fires at once.
+    raw, blkdebug, _ = open_raw_over_blkdebug({
+        "set-state.0.event": "none", "set-state.0.state": "1", "set-state.0.new_state": "2",
+        "inject-error.0.event": "read_aio", "inject-error.0.state": "2"})
+    assert blkdebug.state == 2
+    assert [read(raw), read(raw)] == ["EIO", "EIO"]
+    # A none rule is active until read_aio activates its own (qemu-io: read, read, write ok).
+    raw, _, _ = open_raw_over_blkdebug({
+        "inject-error.0.event": "none", "inject-error.0.iotype": "write",
+        "inject-error.1.event": "read_aio", "inject-error.1.iotype": "read",
+        "inject-error.1.sector": "100"})
+    assert [read(raw), read(raw), write(raw)] == ["ok", "ok", "ok"]

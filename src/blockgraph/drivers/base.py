@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from blockgraph.errors import ENOTSUP, BlockError, IOFailure
 from blockgraph.options.schema import OptionSpec
@@ -51,6 +51,15 @@ class RequestFlags(enum.IntFlag):
     MAY_UNMAP = 1 << 1
     NO_FALLBACK = 1 << 2
     COMPRESSED = 1 << 3  # write -c: qcow2 stores whole clusters compressed
+
+
+# QEMU's PreallocMode: how a truncate that grows a node allocates the new area. ``off`` leaves
+# it sparse; ``metadata`` (formats only) allocates tables and clusters without touching data;
+# ``falloc`` also reserves the space in the file; ``full`` also writes zeroes to it.
+PreallocMode = Literal["off", "metadata", "falloc", "full"]
+PREALLOC_MODES: dict[str, PreallocMode] = {
+    "off": "off", "metadata": "metadata", "falloc": "falloc", "full": "full",
+}
 
 
 class BlockStatusFlags(enum.IntFlag):
@@ -120,7 +129,7 @@ class ChildAccess(Protocol):
 
     async def flush(self) -> None: ...
 
-    async def truncate(self, length: int) -> None: ...
+    async def truncate(self, length: int, prealloc: PreallocMode = "off") -> None: ...
 
     async def block_status(self, offset: int, length: int) -> BlockStatus: ...
 
@@ -241,7 +250,12 @@ class BlockDriver:
     async def flush_to_disk(self) -> None:
         """Make what reached this node stable (``fdatasync`` for files)."""
 
-    async def truncate(self, length: int) -> None:
+    async def truncate(self, length: int, prealloc: PreallocMode = "off") -> None:
+        """Resize to ``length`` bytes; a growing truncate allocates the new area per ``prealloc``.
+
+        A driver that cannot do a mode refuses it with QEMU's text (``Unsupported
+        preallocation mode: ...``), so that no caller has to know which driver does what.
+        """
         raise IOFailure(ENOTSUP)
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:

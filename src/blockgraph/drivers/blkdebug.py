@@ -37,6 +37,7 @@ from blockgraph.drivers.base import (
     ChildAccess,
     ChildRole,
     OpenContext,
+    PreallocMode,
     RequestFlags,
 )
 from blockgraph.errors import BlockError, IOFailure, OptionError
@@ -547,6 +548,10 @@ class BlkdebugDriver(BlockDriver):
         self._strong_options = any(options.get(k) is not None for k in self._STRONG_OPTIONS) or any(
             k == p or k.startswith(p + ".") for k in options for p in _LIST_OPTIONS
         )
+        # Rules for the event "none" take effect from the start: QEMU fires it once when the
+        # node is opened (its set-state rules move the state, its errors are active until
+        # another event activates rules of its own).
+        await self.debug_event("none")
 
     @staticmethod
     def _checked(options: Mapping[str, Any], key: str, multiple_of: int) -> int:
@@ -629,8 +634,8 @@ class BlkdebugDriver(BlockDriver):
         # The request layer flushes the image child after this, as it does below every node.
         self._check_rules(0, 0, "flush")
 
-    async def truncate(self, length: int) -> None:
-        await self._child().truncate(length)
+    async def truncate(self, length: int, prealloc: PreallocMode = "off") -> None:
+        await self._child().truncate(length, prealloc)
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         self._check_rules(offset, length, "block-status")

@@ -23,6 +23,7 @@ from blockgraph.drivers.base import (
     ChildRole,
     NodeFlags,
     OpenContext,
+    PreallocMode,
     RequestFlags,
 )
 from blockgraph.drivers.blkdebug import fire_debug_event
@@ -140,12 +141,12 @@ class RawDriver(BlockDriver):
         self._check_range(offset, length)
         await self._child().pdiscard(offset + self.offset, length)
 
-    async def truncate(self, length: int) -> None:
+    async def truncate(self, length: int, prealloc: PreallocMode = "off") -> None:
         if self.size is not None:
             raise IOFailure(ENOTSUP, "Cannot resize fixed-size raw disks")
         if length > _INT64_MAX - self.offset:
             raise IOFailure(EINVAL, "Disk size too large for the chosen offset")
-        await self._child().truncate(length + self.offset)
+        await self._child().truncate(length + self.offset, prealloc)
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         """The file's answer for the same bytes; its host offsets already refer to its own file."""

@@ -22,6 +22,7 @@ from blockgraph.drivers.base import (
     BlockStatus,
     ChildRole,
     NodeFlags,
+    PreallocMode,
     RequestFlags,
 )
 from blockgraph.errors import IOFailure
@@ -83,8 +84,8 @@ class Child:
     async def flush(self) -> None:
         await self.node.flush()
 
-    async def truncate(self, length: int) -> None:
-        await self.node.truncate(length)
+    async def truncate(self, length: int, prealloc: PreallocMode = "off") -> None:
+        await self.node.truncate(length, prealloc)
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         return await self.node.block_status(offset, length)

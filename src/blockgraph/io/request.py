@@ -23,6 +23,7 @@ from blockgraph.drivers.base import (
     BlockStatus,
     BlockStatusFlags,
     NodeFlags,
+    PreallocMode,
     RequestFlags,
 )
 from blockgraph.drivers.bitmap import DirtyBitmap
@@ -286,9 +287,10 @@ class IONode:
             await self.driver.pdiscard(start, end - start)
             self._mark_dirty(start, end - start)
 
-    async def truncate(self, length: int) -> None:
+    async def truncate(self, length: int, prealloc: PreallocMode = "off") -> None:
+        """Resize the node (QEMU's ``bdrv_co_truncate``); ``prealloc`` applies to growing."""
         self._check_writable()
-        await self.driver.truncate(length)
+        await self.driver.truncate(length, prealloc)
         for bitmap in self.dirty_bitmaps:
             bitmap.resize(self.getlength())
 

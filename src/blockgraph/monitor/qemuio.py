@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import getopt
-import inspect
 import os
 import signal
 import time
@@ -27,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from blockgraph.drivers.base import BlockStatusFlags, RequestFlags
+from blockgraph.drivers.base import PREALLOC_MODES, BlockStatusFlags, PreallocMode, RequestFlags
 from blockgraph.errors import ENOTSUP, BlockError, IOFailure, OptionError
 from blockgraph.graph.inherit import AIO_FLAG
 from blockgraph.graph.node import BlockBackend, Node
@@ -438,7 +437,6 @@ def _strtol(text: str) -> int | None:
         return None
 
 
-_PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 _DISCARD_MODES = ("ignore", "off", "unmap", "on")
 _AIO_MODES = ("threads", "native", "io_uring")
 
@@ -982,31 +980,21 @@ class QemuIO:
         if parsed is None:
             return False
         opts, args = parsed
-        prealloc = "off"
+        prealloc: PreallocMode = "off"
         for _flag, value in opts:
-            if value not in _PREALLOC_MODES:
+            mode = PREALLOC_MODES.get(value)
+            if mode is None:
                 self.err(f"Invalid preallocation mode '{value}'")
                 return False
-            prealloc = value
+            prealloc = mode
         if not args:  # words after the size are ignored, as qemu-io does
             self._usage("truncate")
             return False
         length = self._num(args[0])
         if length is None:
             return False
-        root = self._root
         try:
-            if prealloc == "off":
-                await root.truncate(length)
-            else:
-                truncate: Callable[..., Awaitable[None]] = root.driver.truncate
-                if "prealloc" in inspect.signature(truncate).parameters:
-                    await truncate(length, prealloc=prealloc)
-                elif prealloc == "metadata":
-                    raise BlockError("Unsupported preallocation mode: metadata")
-                else:
-                    # The file driver grows sparsely: the new area reads as zeroes either way.
-                    await root.truncate(length)
+            await self._root.truncate(length, prealloc)
         except (IOFailure, BlockError) as exc:
             self.err(str(exc))
             return False

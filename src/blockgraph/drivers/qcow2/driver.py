@@ -39,6 +39,7 @@ from blockgraph.drivers.base import (
     DriverInfo,
     NodeFlags,
     OpenContext,
+    PreallocMode,
     RequestFlags,
 )
 from blockgraph.drivers.bitmap import DirtyBitmap
@@ -391,7 +392,7 @@ class Qcow2Driver(BlockDriver):
 
     # ------------------------------------------------------------------ resize and snapshots
 
-    async def truncate(self, length: int, prealloc: str = "off") -> None:
+    async def truncate(self, length: int, prealloc: PreallocMode = "off") -> None:
         """Grow or shrink the disk; ``prealloc`` is off, metadata, falloc or full."""
         from blockgraph.drivers.qcow2.resize import truncate
 

@@ -21,7 +21,7 @@ import errno
 import struct
 from typing import TYPE_CHECKING
 
-from blockgraph.drivers.base import RequestFlags
+from blockgraph.drivers.base import PREALLOC_MODES, RequestFlags
 from blockgraph.drivers.qcow2.header import HEADER_OFFSET_L1, HEADER_OFFSET_SIZE, MAX_L1_SIZE
 from blockgraph.drivers.qcow2.tables import L1E_OFFSET_MASK, L1E_SIZE, L2E_OFFSET_MASK
 from blockgraph.errors import ENOTSUP, BlockError, IOFailure
@@ -29,7 +29,6 @@ from blockgraph.errors import ENOTSUP, BlockError, IOFailure
 if TYPE_CHECKING:
     from blockgraph.drivers.qcow2.driver import Qcow2Driver
 
-PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 _ZERO_CHUNK = 1 << 20
 
 
@@ -208,10 +207,11 @@ async def truncate(drv: Qcow2Driver, length: int, prealloc: str = "off") -> None
         tail_dirty = old % cs != 0 and not await drv._is_zero(old, aligned_old - old)
     if tail_dirty:
         await _zero_range(drv, old, min(aligned_old, length) - old)
-    if drv.backing is not None:
-        blen = drv.backing.getlength()
-        if blen > old:
-            await _zero_range(drv, old, min(blen, length) - old)
+    if drv.backing is not None and drv.backing.getlength() > old and prealloc in ("off", "metadata"):
+        # As QEMU does when a backing file reaches past the old end: the whole new area gets
+        # zero clusters (preallocated ones stay allocated), not just the part the backing
+        # file covers. falloc and full already wrote zeroes into their clusters.
+        await _zero_range(drv, old, length - old)
 
 
 async def _write_size(drv: Qcow2Driver, length: int) -> None:

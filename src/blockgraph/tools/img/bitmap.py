@@ -15,9 +15,8 @@ from blockgraph.drivers.qcow2.bitmaps import Qcow2Bitmaps
 from blockgraph.errors import BlockError, IOFailure, OptionError
 from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.node import Node
-from blockgraph.options.keyval import parse_drive_opts
 from blockgraph.options.schema import parse_size
-from blockgraph.tools.img.common import Fail, cache_options
+from blockgraph.tools.img.common import Fail, cache_options, parse_image_opts
 
 _LONG = ["help", "object=", "image-opts", "add", "remove", "clear", "enable", "disable",
          "merge=", "granularity=", "source-file=", "source-format="]
@@ -70,10 +69,10 @@ def cmd_bitmap(prog: str, args: list[str]) -> int:
 
     layer = BlockLayer()
     try:
-        node = _open(layer, filename, fmt, image_opts, read_only=False)
+        node = _open(layer, filename, fmt, image_opts, read_only=False, prog=prog)
         src_node = None
         if src_file is not None:
-            src_node = _open(layer, src_file, src_fmt, False, read_only=True)
+            src_node = _open(layer, src_file, src_fmt, False, read_only=True, prog=prog)
         store = getattr(node.driver, "persistent_bitmaps", None)
         for action, value in actions:
             try:
@@ -119,11 +118,11 @@ def _source(src_node: object, store: Qcow2Bitmaps, name: str) -> DirtyBitmap:
 
 
 def _open(layer: BlockLayer, filename: str, fmt: str | None, image_opts: bool, *,
-          read_only: bool) -> Node:
+          read_only: bool, prog: str) -> Node:
     options: dict[str, object] = {}
     open_name: str | None = filename
     if image_opts:
-        options.update(parse_drive_opts(filename))
+        options.update(parse_image_opts(filename, prog))
         open_name = None
     elif fmt:
         options["driver"] = fmt

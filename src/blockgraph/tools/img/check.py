@@ -16,8 +16,7 @@ from blockgraph.drivers.qcow2.check import FIX_ERRORS, FIX_LEAKS, CheckResult
 from blockgraph.drivers.qcow2.driver import Qcow2Driver
 from blockgraph.errors import BlockError, IOFailure
 from blockgraph.graph.layer import BlockLayer
-from blockgraph.options.keyval import parse_drive_opts
-from blockgraph.tools.img.common import Fail, cache_options
+from blockgraph.tools.img.common import Fail, cache_options, parse_image_opts
 
 # ImageCheck members in the order QEMU's visitor inserts them into its QDict.
 _JSON_FIELDS = ("filename", "format", "check-errors", "image-end-offset", "corruptions", "leaks",
@@ -137,7 +136,7 @@ def cmd_check(prog: str, args: list[str]) -> int:
         options: dict[str, object] = {}
         open_name: str | None = filename
         if image_opts:
-            options.update(parse_drive_opts(filename))
+            options.update(parse_image_opts(filename, prog))
             open_name = None
         elif fmt:
             options["driver"] = fmt

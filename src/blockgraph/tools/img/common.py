@@ -20,6 +20,7 @@ from blockgraph.errors import BlockError, OptionError
 from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.node import BlockBackend, Node
 from blockgraph.options.cache import CACHE_MODES
+from blockgraph.options.keyval import parse_drive_opts
 from blockgraph.options.schema import parse_bool, parse_size
 
 # qemu-img copies and compares through buffers of this size (its IO_BUF_SIZE).
@@ -75,6 +76,34 @@ def cache_options(mode: str, *, source: bool) -> tuple[dict[str, object], bool]:
     return ({"cache.direct": found.direct, "cache.no-flush": found.no_flush}, found.writeback)
 
 
+def warn(prog: str, text: str) -> None:
+    """qemu-img's ``warn_report``: ``prog: warning: text`` on stderr."""
+    sys.stderr.write(f"{prog}: warning: {text}\n")
+    sys.stderr.flush()
+
+
+def parse_image_opts(text: str, prog: str) -> dict[str, object]:
+    """An ``--image-opts`` argument: QemuOpts syntax, as qemu-img parses it.
+
+    A leading element without ``=`` is the implied ``file`` key, which the block layer takes
+    as a reference to a node name (hence QEMU's ``Cannot find device=... nor node-name=...``
+    for a plain file name). Later bare words are short-form booleans, with QEMU's warning.
+    """
+    name_end = 0
+    while name_end < len(text) and text[name_end] not in "=,":
+        name_end += 1
+    if name_end == len(text) or text[name_end] != "=":
+        text = "file=" + text
+    warnings: list[str] = []
+    try:
+        options: dict[str, object] = dict(parse_drive_opts(text, warnings))
+    except OptionError as exc:
+        raise Fail(str(exc)) from None
+    for text_warning in warnings:
+        warn(prog, text_warning)
+    return options
+
+
 def open_image(
     layer: BlockLayer,
     filename: str,
@@ -85,13 +114,24 @@ def open_image(
     source_cache: bool = False,
     extra: dict[str, object] | None = None,
     fail_code: int = 1,
+    image_opts: bool = False,
+    prog: str = "qemu-img",
 ) -> BlockBackend:
     """Open ``filename`` as the root of a new anonymous BlockBackend, as qemu-img's img_open.
+
+    With ``image_opts`` the name is a QemuOpts option string (``--image-opts``) rather than
+    a file name; a format may not be given with it.
 
     :raise Fail: ``Could not open 'FILE': reason`` with exit status ``fail_code``.
     """
     options: dict[str, object] = {"read-only": read_only}
-    if fmt:
+    open_name: str | None = filename
+    if image_opts:
+        if fmt:
+            raise Fail("--image-opts and --format are mutually exclusive", fail_code)
+        options.update(parse_image_opts(filename, prog))
+        open_name = None
+    elif fmt:
         options["driver"] = fmt
     node_opts, writeback = cache_options(cache, source=source_cache)
     options.update(node_opts)
@@ -100,7 +140,7 @@ def open_image(
     bb = layer.new_backend("")
     bb.write_cache = writeback
     try:
-        layer.run(layer.open_node(filename, options, backend=bb))
+        layer.run(layer.open_node(open_name, options, backend=bb))
     except BlockError as exc:
         layer.run(layer.remove_backend(bb))
         raise Fail(f"Could not open '{filename}': {exc}", fail_code) from None

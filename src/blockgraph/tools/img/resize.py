@@ -5,6 +5,7 @@ from __future__ import annotations
 import getopt
 import sys
 
+from blockgraph.drivers.base import PREALLOC_MODES, PreallocMode
 from blockgraph.errors import BlockError, IOFailure, OptionError
 from blockgraph.graph.layer import BlockLayer
 from blockgraph.options.schema import parse_size
@@ -31,8 +32,8 @@ def cmd_resize(prog: str, args: list[str]) -> int:
     if rest and rest[-1] == "--":
         rest = rest[:-1]
     fmt: str | None = None
-    quiet = shrink = False
-    prealloc = "off"
+    quiet = shrink = image_opts = False
+    prealloc: PreallocMode = "off"
     for flag, value in opts:
         if flag == "-f":
             fmt = value
@@ -40,8 +41,14 @@ def cmd_resize(prog: str, args: list[str]) -> int:
             quiet = True
         elif flag == "--shrink":
             shrink = True
+        elif flag == "--image-opts":
+            image_opts = True
         elif flag == "--preallocation":
-            prealloc = value
+            # Checked as the option is parsed: qemu-img reports it before a bad size.
+            mode = PREALLOC_MODES.get(value)
+            if mode is None:
+                raise Fail(f"Invalid preallocation mode '{value}'")
+            prealloc = mode
     if len(rest) != 1:
         raise Fail("Expecting image file name and size")
     filename = rest[0]
@@ -53,24 +60,22 @@ def cmd_resize(prog: str, args: list[str]) -> int:
         size = parse_size("size", size_text)
     except OptionError:
         raise Fail(_SIZE_ERROR, tail=_SIZE_TAIL) from None
-    if prealloc not in ("off", "metadata", "falloc", "full"):
-        raise Fail(f"Invalid preallocation mode: '{prealloc}'")
     layer = BlockLayer()
     try:
-        bb = open_image(layer, filename, fmt, read_only=False)
+        bb = open_image(layer, filename, fmt, read_only=False, image_opts=image_opts, prog=prog)
         current = bb.getlength()
         total = current + relative * size if relative else size
         if total <= 0:
             raise Fail("New image size must be positive")
+        if prealloc != "off" and total <= current:
+            raise Fail("Preallocation can only be used for growing images")
         if total < current and not shrink:
             sys.stderr.write(f"{prog}: Use the --shrink option to perform a shrink operation.\n"
                              f"{prog}: {_SHRINK_WARNING}\n")
             return 1
         node = root(bb)
         try:
-            if prealloc != "off" and total > current:
-                raise IOFailure(95, f"Unsupported preallocation mode '{prealloc}'")
-            layer.run(node.truncate(total))
+            layer.run(node.truncate(total, prealloc))
             layer.run(node.flush())
         except IOFailure as exc:
             raise Fail(str(exc)) from None
