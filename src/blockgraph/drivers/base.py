@@ -84,6 +84,9 @@ class NodeFlags:
     # Opened for an image check (QEMU's BDRV_O_CHECK): a corrupt or dirty qcow2 image opens
     # read-write without the automatic repair, so that the check can report and fix it.
     check: bool = False
+    # Opened only to describe the image (QEMU's BDRV_O_NO_IO, ``qemu-img info``): a qcow2
+    # node then leaves the external data file its header names unopened.
+    no_io: bool = False
 
 
 class ChildAccess(Protocol):

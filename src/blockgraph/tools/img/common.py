@@ -52,7 +52,7 @@ def size_arg(text: str) -> int:
 
 
 _INT_CREATE_OPTIONS = ("cluster_size", "refcount_bits")
-_BOOL_CREATE_OPTIONS = ("lazy_refcounts", "extended_l2")
+_BOOL_CREATE_OPTIONS = ("lazy_refcounts", "extended_l2", "data_file_raw")
 
 
 def typed_create_option(key: str, value: str) -> object:

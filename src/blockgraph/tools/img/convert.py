@@ -44,7 +44,8 @@ _CREATE_OPTIONS = {
     "raw": ("preallocation",),
     "file": ("preallocation",),
     "qcow2": ("backing_file", "backing_fmt", "cluster_size", "compat", "lazy_refcounts",
-              "refcount_bits", "extended_l2", "compression_type", "preallocation"),
+              "refcount_bits", "extended_l2", "compression_type", "preallocation", "data_file",
+              "data_file_raw"),
 }
 
 

@@ -40,7 +40,7 @@ def cmd_info(prog: str, args: list[str]) -> int:
         if fmt:
             options["driver"] = fmt
         try:
-            node = layer.run(layer.open_node(filename, options))
+            node = layer.run(layer.open_node(filename, options, no_io=True))
         except BlockError as exc:
             raise _Fail(f"Could not open '{filename}': {exc}") from None
         nodes = [node]
