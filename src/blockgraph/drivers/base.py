@@ -67,6 +67,9 @@ class BlockStatus:
     length: int
     offset: int | None = None  # host offset in ``file`` when OFFSET_VALID
     file: ChildAccess | None = None
+    # Whether a caller refining zeroes may ask ``file`` about the host range (the opposite of
+    # QEMU's BDRV_BLOCK_RECURSE default: qcow2 never has it asked of an external data file).
+    recurse: bool = True
 
 
 @dataclass

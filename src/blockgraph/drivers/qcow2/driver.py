@@ -1074,12 +1074,17 @@ class Qcow2Driver(BlockDriver):
         struct.pack_into(f">{len(new)}Q", table, l2_index * L2E_SIZE_NORMAL, *new)
         self.l2_cache.mark_dirty(l2_offset)
         keeps = (ClusterType.NORMAL, ClusterType.ZERO_ALLOC)
+
+        def holds(entry: int) -> bool:
+            # In a data file, bit 63 marks host offset 0 as held even on a zero entry.
+            return self._ctype(entry) in keeps or (
+                self.external_data and bool(entry & QCOW_OFLAG_COPIED))
+
         for o, n in zip(old, new, strict=True):
             if o == n:
                 continue
             same_cluster = (
-                self._ctype(o) in keeps and self._ctype(n) in keeps
-                and (o & L2E_OFFSET_MASK) == (n & L2E_OFFSET_MASK)
+                holds(o) and holds(n) and (o & L2E_OFFSET_MASK) == (n & L2E_OFFSET_MASK)
             )
             if not same_cluster:
                 await self._free_any_cluster(o)
@@ -1173,12 +1178,15 @@ class Qcow2Driver(BlockDriver):
                 break
             probe = min(nb, probe * 8)
         F = BlockStatusFlags
+        # QEMU only looks below qcow2 for zeroes when it detects metadata preallocation from
+        # the refcounts of ``file``; data file clusters are not refcounted, so it never does.
+        recurse = not self.external_data
         if first.kind == "data":
             return BlockStatus(F.DATA | F.OFFSET_VALID | F.ALLOCATED, n, first.host_offset,
-                               self._data)
+                               self._data, recurse)
         if first.kind == "zeroalloc":
             return BlockStatus(F.ZERO | F.OFFSET_VALID | F.ALLOCATED, n, first.host_offset,
-                               self._data)
+                               self._data, recurse)
         if first.kind == "compressed":
             return BlockStatus(F.DATA | F.ALLOCATED, n)
         if first.kind == "zero":
