@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -340,6 +342,57 @@ def test_info_does_not_open_the_data_file(tmp_path: Path) -> None:
     ours = _ok(_bg(tmp_path, "img", "info", "x.qcow2")).stdout
     assert _no_disk_size(ours) == _no_disk_size(theirs)
     assert "data file:" not in ours and "data file raw: false" in ours
+
+
+def _system_qemu() -> str:
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        if os.environ.get("BLOCKGRAPH_REQUIRE_ORACLES"):
+            pytest.fail("qemu-system-x86_64 is required (BLOCKGRAPH_REQUIRE_ORACLES is set)")
+        pytest.skip("qemu-system-x86_64 not installed")
+    return qemu
+
+
+def _system_filter(text: str) -> str:
+    text = re.sub(r"#block\d+", "#blockNNN", text)
+    text = re.sub(r'"seconds": \d+, "microseconds": \d+', "TIMESTAMP", text)
+    text = re.sub(r'"actual-size": \d+', "ACTUAL", text)
+    text = re.sub(r"disk size: [^\\]*", "disk size: SIZE", text)  # up to the escaped \r\n
+    text = re.sub(r'"micro": \d+, "minor": 2, "major": 7\}, "package": "[^"]*"', "VERSION", text)
+    return re.sub(r"QEMU [0-9.]+ monitor", "QEMU monitor", text)
+
+
+@pytest.mark.parametrize("raw", [True, False], ids=["raw", "nonraw"])
+def test_qmp_and_hmp_show_the_data_file(tmp_path: Path, raw: bool) -> None:
+    """query-named-block-nodes, query-block (the data file is a node of its own, listed first)
+    and ``info block -v``, from ``qemu-system-x86_64 -machine none`` and ``blockgraph system``."""
+    qemu = _system_qemu()
+    _qemu(tmp_path, "qemu-img", "create", "-q", "-f", "qcow2", "-o", _raw_opt(raw), "x.qcow2", "1M")
+    requests = (b'{"execute": "qmp_capabilities"}\n'
+                b'{"execute": "query-named-block-nodes", "arguments": {"flat": true}}\n'
+                b'{"execute": "query-block"}\n'
+                b'{"execute": "human-monitor-command", "arguments": '
+                b'{"command-line": "info block -v"}}\n'
+                b'{"execute": "quit"}\n')
+    common = ["-machine", "none", "-nodefaults", "-display", "none", "-drive",
+              "if=none,id=d0,file=x.qcow2,node-name=n1", "-qmp", "stdio"]
+    outputs = []
+    for command in ([qemu], [sys.executable, "-m", "blockgraph", "system"]):
+        proc = subprocess.Popen([*command, *common], cwd=tmp_path, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(requests)
+        proc.stdin.flush()
+        # Greeting, 4 replies, SHUTDOWN, the reply to quit; stdin stays open until then, or
+        # QEMU would exit before answering.
+        lines = [proc.stdout.readline() for _ in range(7)]
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+        outputs.append(_system_filter(b"".join(lines).decode("ascii")))
+    assert outputs[1] == outputs[0]
+    assert '"data-file": "d.raw"' in outputs[1]
+    assert f"data file raw: {'true' if raw else 'false'}" in outputs[1]
 
 
 # ------------------------------------------------------------------ refusals, with QEMU's texts
