@@ -145,6 +145,67 @@ def test_same_files_as_qemu(tmp_path: Path, raw: bool) -> None:
     _check_clean(odir, "x.qcow2")
 
 
+@pytest.mark.parametrize("opts", [
+    "data_file=d.raw,backing_file=base.qcow2,backing_fmt=qcow2",
+    "data_file=d.raw,lazy_refcounts=on",
+    "data_file=d.raw,extended_l2=on",
+    "data_file=d.raw,data_file_raw=on,extended_l2=on",
+    "data_file=d.raw,data_file_raw=on,cluster_size=512",
+])
+def test_feature_combinations(tmp_path: Path, opts: str) -> None:
+    """With a backing file (COW from it into the data file), lazy refcounts, extended L2
+    entries, small clusters: the same guest content as QEMU, a clean image, and where the data
+    file is raw, the same data file. Without extended L2 entries also the same qcow2 file."""
+    qdir, odir = tmp_path / "qemu", tmp_path / "ours"
+    for d in (qdir, odir):
+        d.mkdir()
+        _qemu(d, "qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "1M")
+        _qemu(d, "qemu-io", "-c", "write -P 0x77 0 1M", "base.qcow2")
+    ops = [*QEMU_IO_OPS, "write -P 0x66 70k 2k"]
+    _qemu(qdir, "qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, "x.qcow2", "1M")
+    _qemu(qdir, "qemu-io", *_io_args(ops), "x.qcow2")
+    _ok(_bg(odir, "img", "create", "-q", "-f", "qcow2", "-o", opts, "x.qcow2", "1M"))
+    _ok(_bg(odir, "io", *_io_args(ops), "x.qcow2"))
+    _check_clean(odir, "x.qcow2")
+    _qemu(qdir, "qemu-img", "convert", "-O", "raw", "x.qcow2", "guest.out")
+    _qemu(odir, "qemu-img", "convert", "-O", "raw", "x.qcow2", "guest.out")
+    guest = (qdir / "guest.out").read_bytes()
+    assert (odir / "guest.out").read_bytes() == guest
+    if "data_file_raw=on" in opts:
+        assert (odir / "d.raw").read_bytes() == (qdir / "d.raw").read_bytes() == guest
+    if "extended_l2" not in opts and "cluster_size" not in opts:
+        assert (odir / "x.qcow2").read_bytes() == (qdir / "x.qcow2").read_bytes()
+        assert (odir / "d.raw").read_bytes() == (qdir / "d.raw").read_bytes()
+
+
+def test_data_file_by_reference(tmp_path: Path) -> None:
+    """``data-file`` naming an existing node (blockdev-add style) instead of a filename."""
+    _qemu(tmp_path, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=d.raw",
+          "x.qcow2", "1M")
+    _qemu(tmp_path, "qemu-io", "-c", "write -P 0x3c 60k 10k", "x.qcow2")
+    layer = BlockLayer()
+    try:
+        df = layer.run(layer.open_node(None, {"driver": "file", "node-name": "df",
+                                              "filename": str(tmp_path / "d.raw")}))
+        node = layer.run(layer.open_node(None, {
+            "driver": "qcow2", "node-name": "q",
+            "file.driver": "file", "file.filename": str(tmp_path / "x.qcow2"),
+            "data-file": "df"}))
+        child = node.child("data-file")
+        assert child is not None and child.node is df and child.role == ChildRole.DATA
+        layer.run(node.pwritev(1024, memoryview(b"\x5b" * 2048)))
+        buf = bytearray(128 * 1024)
+        layer.run(node.preadv(0, memoryview(buf)))
+        expected = bytearray(128 * 1024)
+        expected[1024:3072] = b"\x5b" * 2048
+        expected[60 * 1024:70 * 1024] = b"\x3c" * 10240
+        assert buf == expected
+    finally:
+        layer.close()
+    _check_clean(tmp_path, "x.qcow2")
+    _compare(tmp_path, "x.qcow2", bytes(expected) + bytes(MiB - len(expected)))
+
+
 # ------------------------------------------------------------------ our images, checked by qemu
 
 async def _random_writes(node: object, size: int, seed: int, model: bytearray) -> None:
