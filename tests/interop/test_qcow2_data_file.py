@@ -396,6 +396,13 @@ def test_info_does_not_open_the_data_file(tmp_path: Path) -> None:
     ours = _ok(_bg(tmp_path, "img", "info", "x.qcow2")).stdout
     assert _no_disk_size(ours) == _no_disk_size(theirs)
     assert "data file: gone.raw" in ours
+    # Nor one the user names (QEMU drops the option), nor does it refuse one.
+    _qemu(tmp_path, "qemu-img", "create", "-q", "-f", "qcow2", "n.qcow2", "1M")
+    for image in ("x.qcow2", "n.qcow2"):
+        opts = f"driver=qcow2,file.filename={image},data-file.filename=missing.raw"
+        theirs = _qemu(tmp_path, "qemu-img", "info", "--image-opts", opts).stdout
+        ours = _ok(_bg(tmp_path, "img", "info", "--image-opts", opts)).stdout
+        assert _no_disk_size(ours) == _no_disk_size(theirs)
     # Without the name in the header, info still works and shows only "data file raw".
     (tmp_path / "gone.raw").touch()
     _qemu(tmp_path, "qemu-img", "amend", "-o", "data_file=", "x.qcow2")

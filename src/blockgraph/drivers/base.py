@@ -157,6 +157,10 @@ class OpenContext(Protocol):
         """Whether the user gave any option (or a reference) for child ``name``."""
         ...
 
+    def drop_child_options(self, name: str) -> None:
+        """Forget what the user gave for child ``name``: that child will not be opened."""
+        ...
+
 
 @dataclass
 class DriverInfo:

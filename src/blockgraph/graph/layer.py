@@ -85,6 +85,10 @@ class _Opener:
         prefix = name + "."
         return name in self.options or any(k.startswith(prefix) for k in self.options)
 
+    def drop_child_options(self, name: str) -> None:
+        extract_subdict(self.options, name)
+        self.options.pop(name, None)
+
     async def open_child(
         self,
         name: str,

@@ -144,6 +144,9 @@ class _CreateContext:
     def has_child_options(self, name: str) -> bool:
         return name == "data-file" and self._data_file is not None
 
+    def drop_child_options(self, name: str) -> None:
+        pass  # nothing here comes from a user
+
 
 def _check_options(size: int, version: int, cluster_size: int, refcount_bits: int,
                    extended_l2: bool, compression_type: str, lazy_refcounts: bool,

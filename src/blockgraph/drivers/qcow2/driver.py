@@ -307,6 +307,11 @@ class Qcow2Driver(BlockDriver):
         h = self.header
         self.external_data = bool(h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE)
         self.data_file_raw = bool(h.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW)
+        if ctx.flags.no_io:
+            # qemu-img info never opens a data file (the image's or the user's): an untrusted
+            # image can be inspected without touching the files it points at.
+            ctx.drop_child_options("data-file")
+            return
         given = ctx.has_child_options("data-file")
         if not self.external_data:
             if given:
@@ -314,10 +319,6 @@ class Qcow2Driver(BlockDriver):
                     "'data-file' can only be set for images with an external data file")
             if self.data_file_raw:
                 raise BlockError("data-file-raw requires a data file")
-            return
-        if ctx.flags.no_io and not given:
-            # qemu-img info never opens a data file the image names: an untrusted image can
-            # be inspected without touching the files it points at.
             return
         # The name is used as written, relative to the working directory: QEMU 7.2 does not
         # combine it with the image's directory (unlike backing file names).
