@@ -514,6 +514,12 @@ def test_compressed_write_and_snapshot_refused(tmp_path: Path) -> None:
     ours = _bg(tmp_path, "io", "-c", "write -c 0 64k", "x.qcow2")
     assert ours.stdout + ours.stderr == theirs.stdout + theirs.stderr
     assert "write failed: Operation not supported" in ours.stdout + ours.stderr
+    (tmp_path / "s.raw").write_bytes(random.Random(1).randbytes(MiB))
+    text = _same_failure(
+        tmp_path, ["qemu-img", "convert", "-c", "-O", "qcow2", "-o", "data_file=c.raw", "s.raw",
+                   "c.qcow2"],
+        ["img", "convert", "-c", "-O", "qcow2", "-o", "data_file=c.raw", "s.raw", "c.qcow2"])
+    assert text == "error while writing at byte 0: Operation not supported"
     text = _same_failure(tmp_path, ["qemu-img", "snapshot", "-c", "s1", "x.qcow2"],
                          ["img", "snapshot", "-c", "s1", "x.qcow2"])
     assert text == "Could not create snapshot 's1': -95 (Operation not supported)"

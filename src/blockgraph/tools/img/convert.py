@@ -8,7 +8,6 @@ one request each. With ``-c`` whole clusters go to the target with the COMPRESSE
 
 from __future__ import annotations
 
-import errno
 import getopt
 import os
 from dataclasses import dataclass
@@ -156,8 +155,8 @@ class _Converter:
         try:
             await self.target.pwritev(offset, view, flags)
         except IOFailure as exc:
-            if flags & RequestFlags.COMPRESSED and exc.errno == errno.ENOTSUP:
-                raise Fail("Compression not supported for this file format") from None
+            # Formats that cannot compress at all were refused before: here it is the image
+            # (a qcow2 data file), and qemu-img reports the failed write.
             raise Fail(f"error while writing at byte {offset}: {os.strerror(exc.errno)}") from None
 
     async def _copy_data(self, src: _Source, offset: int, length: int, target_offset: int) -> None:
