@@ -497,6 +497,14 @@ def test_open_errors(tmp_path: Path) -> None:
     mine = _bg(tmp_path, "io", "--image-opts", "-c", "read 0 1", opts)
     wanted = "'data-file' can only be set for images with an external data file"
     assert wanted in theirs.stderr and wanted in mine.stderr and mine.returncode != 0
+    # The raw bit without a data file (autoclear bit 1 set by hand); info does not mind.
+    with open(tmp_path / "n.qcow2", "r+b") as f:
+        f.seek(88)
+        f.write((2).to_bytes(8, "big"))
+    text = _same_failure(tmp_path, ["qemu-io", "-c", "read 0 1", "n.qcow2"],
+                         ["io", "-c", "read 0 1", "n.qcow2"])
+    assert text.endswith("data-file-raw requires a data file")
+    _ok(_bg(tmp_path, "img", "info", "n.qcow2"))
     # No name in the header: the user must give it.
     _qemu(tmp_path, "qemu-img", "amend", "-o", "data_file=", "x.qcow2")
     text = _same_failure(tmp_path, ["qemu-io", "-c", "read 0 1", "x.qcow2"],
