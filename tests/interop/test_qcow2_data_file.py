@@ -364,6 +364,95 @@ def test_blockdev_create(tmp_path: Path) -> None:
     assert (tmp_path / "d.raw").read_bytes()[:102400] == b"\x09" * 102400
 
 
+def _qsd() -> str:
+    qsd = shutil.which("qemu-storage-daemon")
+    if qsd is None:
+        if os.environ.get("BLOCKGRAPH_REQUIRE_ORACLES"):
+            pytest.fail("qemu-storage-daemon is required (BLOCKGRAPH_REQUIRE_ORACLES is set)")
+        pytest.skip("qemu-storage-daemon not installed")
+    return qsd
+
+
+def _daemon_create(command: list[str], cwd: Path, jobs: list[dict[str, object]]) -> list[object]:
+    """Run blockdev-create jobs over a stdio QMP monitor; the final query-jobs reply."""
+    proc = subprocess.Popen([*command, "--chardev", "stdio,id=m", "--monitor", "chardev=m"],
+                            cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def send(execute: str, arguments: dict[str, object] | None = None) -> None:
+        msg: dict[str, object] = {"execute": execute}
+        if arguments is not None:
+            msg["arguments"] = arguments
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(msg) + "\n")
+        proc.stdin.flush()
+
+    def reply() -> dict[str, object]:
+        # The next reply; events (job status changes) are read past.
+        while True:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read() if proc.stderr else ""
+            msg = json.loads(line)
+            if "event" not in msg:
+                return dict(msg)
+
+    try:
+        proc.stdout.readline()  # greeting
+        send("qmp_capabilities")
+        reply()
+        for node, name in (("qf", "q.qcow2"), ("df", "d.raw")):
+            send("blockdev-add", {"driver": "file", "node-name": node, "filename": name})
+            assert reply() == {"return": {}}
+        for job in jobs:
+            send("blockdev-create", {"job-id": job["job-id"], "options": job["options"]})
+            assert reply() == {"return": {}}
+            # Done when the job has concluded: poll with query-jobs (each answer is a
+            # synchronisation point, no sleeping).
+            while True:
+                send("query-jobs")
+                states = reply()["return"]
+                assert isinstance(states, list)
+                if all(j["status"] == "concluded" for j in states):
+                    break
+        send("query-jobs")
+        result = reply()["return"]
+        send("quit")
+        reply()
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    assert isinstance(result, list)
+    return result
+
+
+def test_blockdev_create_against_qemu_storage_daemon(tmp_path: Path) -> None:
+    """The same QMP blockdev-create jobs: same results and errors, byte-identical images."""
+    qsd = _qsd()
+    jobs: list[dict[str, object]] = [
+        {"job-id": "bad1", "options": {"driver": "qcow2", "file": "qf", "size": MiB,
+                                       "data-file-raw": True}},
+        {"job-id": "bad2", "options": {"driver": "qcow2", "file": "qf", "size": MiB,
+                                       "data-file": "df", "version": "v2"}},
+        {"job-id": "ok", "options": {"driver": "qcow2", "file": "qf", "size": MiB,
+                                     "data-file": "df", "data-file-raw": True}},
+    ]
+    results = []
+    for name, command in (("qemu", [qsd]), ("ours", [sys.executable, "-m", "blockgraph",
+                                                      "storage-daemon"])):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "q.qcow2").touch()
+        (d / "d.raw").touch()
+        results.append(_daemon_create(command, d, jobs))
+    assert results[1] == results[0]
+    assert (tmp_path / "ours" / "q.qcow2").read_bytes() == \
+        (tmp_path / "qemu" / "q.qcow2").read_bytes()
+    assert (tmp_path / "ours" / "d.raw").stat().st_size == MiB
+
+
 # ------------------------------------------------------------------ texts: info, map, check
 
 @pytest.mark.parametrize("raw", [True, False], ids=["raw", "nonraw"])

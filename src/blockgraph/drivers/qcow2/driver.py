@@ -12,6 +12,11 @@ Rules of this module:
   depends on the L2 cache); the dirty bit synced before the first update that relies on it.
 * Requests come aligned to :attr:`request_alignment` (512) and inside the disk: the request
   layer above guarantees both.
+* With an external data file (the ``data-file`` child) guest clusters live there at host
+  offset == guest offset and are not refcounted; ``file`` holds only metadata. L2 entries
+  still map every cluster (bit 63 set, which makes host offset 0 a valid cluster), and the
+  data file is flushed before an L2 table pointing at new clusters in it is written. With
+  ``data_file_raw`` the data file is itself the disk: zeroes are written there too.
 
 Extension points for the next step: :meth:`Qcow2Driver._read_compressed` (the compressed write
 path goes next to it), ``header.nb_snapshots``/``snapshots_offset``/``bitmaps`` are parsed and
