@@ -552,6 +552,36 @@ def test_qmp_and_hmp_show_the_data_file(tmp_path: Path, raw: bool) -> None:
     assert f"data file raw: {'true' if raw else 'false'}" in outputs[1]
 
 
+def test_blockstats_parent_is_the_data_file(tmp_path: Path) -> None:
+    """``file`` holds no data once a data file is open (QEMU drops its DATA role), so
+    query-blockstats names the data file as the qcow2 node's "parent"."""
+    qemu = _system_qemu()
+    _qemu(tmp_path, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=d.raw",
+          "x.qcow2", "1M")
+    requests = (b'{"execute": "qmp_capabilities"}\n'
+                b'{"execute": "query-blockstats", "arguments": {"query-nodes": true}}\n'
+                b'{"execute": "quit"}\n')
+    common = ["-machine", "none", "-nodefaults", "-display", "none",
+              "-blockdev", "driver=file,filename=x.qcow2,node-name=xf",
+              "-blockdev", "driver=file,filename=d.raw,node-name=df",
+              "-blockdev", "driver=qcow2,file=xf,data-file=df,node-name=q", "-qmp", "stdio"]
+    replies = []
+    for command in ([qemu], [sys.executable, "-m", "blockgraph", "system"]):
+        proc = subprocess.Popen([*command, *common], cwd=tmp_path, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(requests)
+        proc.stdin.flush()
+        lines = [proc.stdout.readline() for _ in range(5)]
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+        replies.append(json.loads(lines[2]))
+    assert replies[1] == replies[0]
+    stats = {s["node-name"]: s for s in replies[1]["return"]}
+    assert stats["q"]["parent"]["node-name"] == "df"
+
+
 # ------------------------------------------------------------------ refusals, with QEMU's texts
 
 def _stderr_text(r: subprocess.CompletedProcess[str]) -> str:

@@ -161,6 +161,11 @@ class OpenContext(Protocol):
         """Forget what the user gave for child ``name``: that child will not be opened."""
         ...
 
+    def set_child_role(self, name: str, role: ChildRole) -> None:
+        """Give the already opened child ``name`` another role (what it holds turned out
+        different: qcow2's ``file`` keeps no data once an external data file is open)."""
+        ...
+
 
 @dataclass
 class DriverInfo:

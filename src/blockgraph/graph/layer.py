@@ -89,6 +89,11 @@ class _Opener:
         extract_subdict(self.options, name)
         self.options.pop(name, None)
 
+    def set_child_role(self, name: str, role: ChildRole) -> None:
+        child = self.node.child(name)
+        if child is not None:
+            child.role = role
+
     async def open_child(
         self,
         name: str,

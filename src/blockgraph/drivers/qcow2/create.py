@@ -147,6 +147,9 @@ class _CreateContext:
     def drop_child_options(self, name: str) -> None:
         pass  # nothing here comes from a user
 
+    def set_child_role(self, name: str, role: ChildRole) -> None:
+        pass  # the creator's children are its own
+
 
 def _check_options(size: int, version: int, cluster_size: int, refcount_bits: int,
                    extended_l2: bool, compression_type: str, lazy_refcounts: bool,

@@ -331,6 +331,9 @@ class Qcow2Driver(BlockDriver):
                                               filename=h.data_file or None, allow_none=True)
         if self.data_file is None:
             raise BlockError("'data-file' is required for this image")
+        # No guest data in ``file`` now: QEMU's role bits say so (query-blockstats then
+        # reports the data file as the node's "parent").
+        ctx.set_child_role("file", ChildRole.PRIMARY | ChildRole.METADATA)
 
     def _setup_geometry(self) -> None:
         h = self.header
