@@ -117,7 +117,8 @@ def raw_create_line(filename: str, options: Mapping[str, object]) -> str:
 
 
 class _CreateContext:
-    """The :class:`OpenContext` ``qcow2_create`` opens its fresh image with: file only."""
+    """The :class:`OpenContext` ``qcow2_create`` opens its fresh image with: its file and, if
+    there is one, its external data file."""
 
     def __init__(self, file: ChildAccess, data_file: ChildAccess | None) -> None:
         self._file = file
