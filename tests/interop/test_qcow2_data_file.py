@@ -634,6 +634,19 @@ def test_open_errors(tmp_path: Path) -> None:
     assert r.stdout.startswith("read 1/1 bytes at offset 0")
 
 
+def test_create_puts_the_data_file_where_qemu_img_does(tmp_path: Path) -> None:
+    """``data_file=d.raw`` for ``sub/x.qcow2``: created (and later opened) relative to the
+    working directory, and recorded as typed."""
+    for name, tool in (("qemu", ["qemu-img"]), ("ours", None)):
+        d = tmp_path / name
+        (d / "sub").mkdir(parents=True)
+        args = ["create", "-q", "-f", "qcow2", "-o", "data_file=d.raw", "sub/x.qcow2", "1M"]
+        _ok(_run(d, *tool, *args) if tool else _bg(d, "img", *args))
+        assert (d / "d.raw").stat().st_size == MiB and not (d / "sub" / "d.raw").exists()
+    assert (tmp_path / "ours" / "sub" / "x.qcow2").read_bytes() == \
+        (tmp_path / "qemu" / "sub" / "x.qcow2").read_bytes()
+
+
 def test_compressed_write_and_snapshot_refused(tmp_path: Path) -> None:
     _qemu(tmp_path, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=d.raw",
           "x.qcow2", "1M")
