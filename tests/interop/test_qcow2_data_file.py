@@ -703,6 +703,20 @@ def test_amend(tmp_path: Path) -> None:
     assert (odir / "x.qcow2").read_bytes() == (qdir / "x.qcow2").read_bytes()
 
 
+def test_amend_refcount_width_and_size(tmp_path: Path) -> None:
+    """Rebuilding the refcounts leaves data file clusters out; a size change resizes the data
+    file too."""
+    _qemu(tmp_path, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=d.raw",
+          "x.qcow2", "4M")
+    _qemu(tmp_path, "qemu-io", "-c", "write -P 1 0 3M", "x.qcow2")
+    _ok(_bg(tmp_path, "img", "amend", "-o", "refcount_bits=8", "x.qcow2"))
+    _check_clean(tmp_path, "x.qcow2")
+    _ok(_bg(tmp_path, "img", "amend", "-o", "size=6M", "x.qcow2"))
+    _check_clean(tmp_path, "x.qcow2")
+    assert (tmp_path / "d.raw").stat().st_size == 6 * MiB
+    _compare(tmp_path, "x.qcow2", b"\x01" * (3 * MiB) + bytes(3 * MiB))
+
+
 # ------------------------------------------------------------------ crash-safe ordering
 
 def test_data_reaches_the_data_file_before_the_l2_entry(tmp_path: Path,
