@@ -108,11 +108,41 @@ def _build_qcow2_backing_small(d: Path, size: int) -> tuple[str | None, dict[str
     return _build_qcow2_backing(d, size, cluster_size=4096)
 
 
+def _build_qcow2_data_file(d: Path, size: int, raw: bool = False,
+                          cluster_size: int = 65536) -> tuple[str | None, dict[str, object], bytes, str | None]:
+    from blockgraph.graph.create import create_image
+
+    path = str(d / "img.qcow2")
+    layer = BlockLayer()
+    try:
+        # An absolute name: the data file is found whatever the working directory.
+        layer.run(create_image(layer, path, "qcow2", size, {
+            "cluster_size": cluster_size, "data_file": str(d / "img.data"),
+            "data_file_raw": raw}))
+    finally:
+        layer.close()
+    return path, {"driver": "qcow2"}, bytes(size), path
+
+
+def _build_qcow2_data_file_raw(d: Path, size: int) -> tuple[str | None, dict[str, object], bytes, str | None]:
+    return _build_qcow2_data_file(d, size, raw=True)
+
+
+def _build_qcow2_data_file_small(d: Path, size: int) -> tuple[str | None, dict[str, object], bytes, str | None]:
+    return _build_qcow2_data_file(d, size, cluster_size=4096)
+
+
+def _build_qcow2_data_file_raw_small(d: Path, size: int) -> tuple[str | None, dict[str, object], bytes, str | None]:
+    return _build_qcow2_data_file(d, size, raw=True, cluster_size=4096)
+
+
 CONFIGS = [
     Config("file", _build_file, growable_root=True),
     Config("raw-file", _build_raw),
     Config("qcow2", _build_qcow2, truncate_sectors=True),
     Config("qcow2-backing", _build_qcow2_backing, truncate_sectors=True),
+    Config("qcow2-data-file", _build_qcow2_data_file, truncate_sectors=True),
+    Config("qcow2-data-file-raw", _build_qcow2_data_file_raw, truncate_sectors=True),
     Config("null-co", _build_null, retains=False, truncate=False, persistent=False),
     Config("blkdebug-file", _build_blkdebug),
     Config("file-direct", _build_file_direct, growable_root=True),
@@ -373,7 +403,8 @@ def test_qcow2_images_pass_check(tmp_path: Path) -> None:
         if os.environ.get("BLOCKGRAPH_REQUIRE_ORACLES"):
             pytest.fail("qemu-img is required (BLOCKGRAPH_REQUIRE_ORACLES is set)")
         pytest.skip("qemu-img not installed")
-    for config in (BY_ID["qcow2"], BY_ID["qcow2-backing"]):
+    for config in (BY_ID["qcow2"], BY_ID["qcow2-backing"], BY_ID["qcow2-data-file"],
+                   BY_ID["qcow2-data-file-raw"]):
         d = tmp_path / config.id
         d.mkdir()
         dev = Device(config, d)
@@ -410,6 +441,8 @@ HYPOTHESIS_CONFIGS = {
     "raw-file": _build_raw,
     "qcow2": _build_qcow2_small,
     "qcow2-backing": _build_qcow2_backing_small,
+    "qcow2-data-file": _build_qcow2_data_file_small,
+    "qcow2-data-file-raw": _build_qcow2_data_file_raw_small,
 }
 
 

@@ -80,6 +80,9 @@ class BlockStatus:
     length: int
     offset: int | None = None  # host offset in ``file`` when OFFSET_VALID
     file: ChildAccess | None = None
+    # Whether a caller refining zeroes may ask ``file`` about the host range (the opposite of
+    # QEMU's BDRV_BLOCK_RECURSE default: qcow2 never has it asked of an external data file).
+    recurse: bool = True
 
 
 @dataclass
@@ -97,6 +100,9 @@ class NodeFlags:
     # Opened for an image check (QEMU's BDRV_O_CHECK): a corrupt or dirty qcow2 image opens
     # read-write without the automatic repair, so that the check can report and fix it.
     check: bool = False
+    # Opened only to describe the image (QEMU's BDRV_O_NO_IO, ``qemu-img info``): a qcow2
+    # node then leaves the external data file its header names unopened.
+    no_io: bool = False
 
 
 class ChildAccess(Protocol):
@@ -162,6 +168,15 @@ class OpenContext(Protocol):
 
     def has_child_options(self, name: str) -> bool:
         """Whether the user gave any option (or a reference) for child ``name``."""
+        ...
+
+    def drop_child_options(self, name: str) -> None:
+        """Forget what the user gave for child ``name``: that child will not be opened."""
+        ...
+
+    def set_child_role(self, name: str, role: ChildRole) -> None:
+        """Give the already opened child ``name`` another role (what it holds turned out
+        different: qcow2's ``file`` keeps no data once an external data file is open)."""
         ...
 
 

@@ -22,6 +22,7 @@ _QCOW2_CREATE_KEYWORDS = {
     "extended_l2": "extended_l2",
     "compression_type": "compression_type",
     "preallocation": "preallocation",
+    "data_file_raw": "data_file_raw",
 }
 
 
@@ -61,19 +62,37 @@ async def create_image(
     if fmt != "qcow2":
         raise BlockError(f"Unknown file format '{fmt}'")
     kwargs: dict[str, object] = {}
+    data_file_name: str | None = None
     for key, value in options.items():
         if key == "size":
+            continue
+        if key == "data_file":
+            data_file_name = str(value) if value else None
             continue
         if key not in _QCOW2_CREATE_KEYWORDS:
             raise BlockError(f"Invalid parameter '{key}'")
         kwargs[_QCOW2_CREATE_KEYWORDS[key]] = value
-    _create_file(filename, 0)
-    node = await layer.open_node(filename, {"driver": "file"})
+    data_node = None
+    if data_file_name is not None:
+        # As qemu-img: the data file is created (and later opened) under the name as given,
+        # relative to the working directory, and that name goes into the header.
+        _create_file(data_file_name, 0)
+        data_node = await layer.open_node(data_file_name, {"driver": "file"})
+        kwargs["data_file"] = Child("data-file", ChildRole.DATA, data_node, data_node)
+        kwargs["data_file_name"] = data_file_name
     try:
-        # The new image is written through a writeback child of a parentless file node: a
-        # creator knows when to flush (qcow2_create flushes where the format needs ordering).
-        child = Child("file", ChildRole.IMAGE, node, node)
-        await qcow2_create(child, size, **kwargs)  # type: ignore[arg-type]
-        await node.flush()
+        _create_file(filename, 0)
+        node = await layer.open_node(filename, {"driver": "file"})
+        try:
+            # The new image is written through a writeback child of a parentless file node: a
+            # creator knows when to flush (qcow2_create flushes where the format needs
+            # ordering).
+            child = Child("file", ChildRole.IMAGE, node, node)
+            await qcow2_create(child, size, **kwargs)  # type: ignore[arg-type]
+            await node.flush()
+        finally:
+            await layer.delete_node(node)
     finally:
-        await layer.delete_node(node)
+        if data_node is not None:
+            await data_node.flush()
+            await layer.delete_node(data_node)

@@ -85,6 +85,15 @@ class _Opener:
         prefix = name + "."
         return name in self.options or any(k.startswith(prefix) for k in self.options)
 
+    def drop_child_options(self, name: str) -> None:
+        extract_subdict(self.options, name)
+        self.options.pop(name, None)
+
+    def set_child_role(self, name: str, role: ChildRole) -> None:
+        child = self.node.child(name)
+        if child is not None:
+            child.role = role
+
     async def open_child(
         self,
         name: str,
@@ -254,17 +263,18 @@ class BlockLayer:
         *,
         backend: BlockBackend | None = None,
         check: bool = False,
+        no_io: bool = False,
     ) -> Node:
         """Open a node (and its children) as a root; with ``backend``, as that BB's root.
 
         ``options`` are flat (dotted keys), values strings or typed JSON values. The node is
         attached to ``backend`` on success. ``check`` opens the root for an image check
-        (QEMU's ``BDRV_O_CHECK``).
+        (QEMU's ``BDRV_O_CHECK``); ``no_io`` only to describe it (``BDRV_O_NO_IO``).
 
         :raise BlockError: with QEMU's message; the graph is unchanged.
         """
         node = await self._open(filename, dict(options), parent_options=None, role=None,
-                                protocol=False, backend=backend, check=check)
+                                protocol=False, backend=backend, check=check, no_io=no_io)
         if backend is not None:
             backend.attach(node)
         return node
@@ -335,6 +345,7 @@ class BlockLayer:
         protocol: bool,
         backend: BlockBackend | None,
         check: bool = False,
+        no_io: bool = False,
     ) -> Node:
         if filename is not None and filename.startswith("json:"):
             # Options given directly beat those inside the json: string.
@@ -393,7 +404,7 @@ class BlockLayer:
             elif filename is not None:
                 cls.parse_filename(filename, options)
             node = await self._open_with_driver(cls, options, explicit, preopened, fresh, backend,
-                                                protocol, check)
+                                                protocol, check, no_io)
         except BaseException:
             for pre in fresh:
                 if not pre.parents and not pre.backends:
@@ -411,6 +422,7 @@ class BlockLayer:
         backend: BlockBackend | None,
         protocol: bool,
         check: bool = False,
+        no_io: bool = False,
     ) -> Node:
         options.pop("driver", None)
         generic = self._consume(options, GENERIC_OPTIONS)
@@ -431,6 +443,7 @@ class BlockLayer:
             discard_unmap=DISCARD_MODES[discard],
             aio=str(aio) if aio is not None else None,
             check=check,
+            no_io=no_io,
         )
         if aio is not None:
             generic[AIO_FLAG] = aio

@@ -54,6 +54,10 @@ class Child:
     def role(self) -> ChildRole:
         return self._role
 
+    @role.setter
+    def role(self, role: ChildRole) -> None:
+        self._role = role
+
     @property
     def node_name(self) -> str:
         return self.node.node_name

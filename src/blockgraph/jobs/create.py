@@ -44,6 +44,8 @@ class CreateJob(Job):
         self._fd: int | None = None
         self._node: Node | None = None
         self._temporary_node = False
+        self._data_node: Node | None = None
+        self._temporary_data_node = False
 
     def prepare(self) -> None:
         self.total_progress = 1
@@ -108,7 +110,7 @@ class CreateJob(Job):
         size = int(self.options["size"])
         if size % _SECTOR:
             raise BlockError(f"Image size must be a multiple of {_SECTOR} bytes")
-        for unsupported in ("data-file", "data-file-raw", "encrypt"):
+        for unsupported in ("encrypt",):
             if unsupported in self.options:
                 raise BlockError(f"blockdev-create option '{unsupported}' is not supported yet")
         kwargs = self._qcow2_kwargs()
@@ -116,11 +118,17 @@ class CreateJob(Job):
         check_options(size, version, kwargs["cluster_size"], kwargs["refcount_bits"],
                       kwargs["extended_l2"], kwargs["compression_type"],
                       kwargs["lazy_refcounts"], kwargs["preallocation"],
-                      kwargs.get("backing_file"), kwargs.get("backing_format"))
+                      kwargs.get("backing_file"), kwargs.get("backing_format"),
+                      "data-file" in self.options, kwargs["data_file_raw"])
         file = self.options["file"]
         if isinstance(file, str):
             self._node = self.layer.lookup_bs(file)
             if self._node.flags.read_only:
+                raise BlockError("Block node is read-only")
+        data_file = self.options.get("data-file")
+        if isinstance(data_file, str):
+            self._data_node = self.layer.lookup_bs(data_file)
+            if self._data_node.flags.read_only:
                 raise BlockError("Block node is read-only")
 
     async def _run_qcow2(self) -> None:
@@ -131,14 +139,29 @@ class CreateJob(Job):
             self._temporary_node = True
         node = self._node
         try:
+            kwargs = self._qcow2_kwargs()
+            if "data-file" in opts and self._data_node is None:
+                self._data_node = await self.layer.open_node(
+                    None, flatten(dict(opts["data-file"])))
+                self._temporary_data_node = True
+            data_node = self._data_node
+            if data_node is not None:
+                # The header records the data file under its node's filename, as QEMU does.
+                kwargs["data_file"] = Child("data-file", ChildRole.DATA, data_node, data_node)
+                kwargs["data_file_name"] = data_node.filename
             # Written through a writeback view of the node, as QEMU's creation BlockBackend.
             child = Child("file", ChildRole.IMAGE, node, node)
-            await qcow2_create(child, int(opts["size"]), **self._qcow2_kwargs())
+            await qcow2_create(child, int(opts["size"]), **kwargs)
             await node.flush()
+            if data_node is not None:
+                await data_node.flush()
         finally:
             if self._temporary_node:
                 await self.layer.delete_node(node)
                 self._node = None
+            if self._temporary_data_node and self._data_node is not None:
+                await self.layer.delete_node(self._data_node)
+                self._data_node = None
 
     def _qcow2_kwargs(self) -> dict[str, Any]:
         opts = self.options
@@ -150,6 +173,7 @@ class CreateJob(Job):
             "extended_l2": bool(opts.get("extended-l2", False)),
             "compression_type": str(opts.get("compression-type", "zlib")),
             "preallocation": str(opts.get("preallocation", "off")),
+            "data_file_raw": bool(opts.get("data-file-raw", False)),
         }
         if "backing-file" in opts:
             kwargs["backing_file"] = str(opts["backing-file"])

@@ -11,7 +11,7 @@ from blockgraph.graph.query import ImageInfo
 
 # qcow2's format-specific keys in the order QEMU prints them.
 _QCOW2_ORDER = ("compat", "compression-type", "lazy-refcounts", "bitmaps", "refcount-bits",
-                "corrupt", "extended-l2")
+                "data-file", "data-file-raw", "corrupt", "extended-l2")
 
 
 _SIZE_PREFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")

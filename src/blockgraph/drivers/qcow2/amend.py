@@ -45,9 +45,9 @@ if TYPE_CHECKING:
 
 _COMPAT = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 AMEND_OPTIONS = ("compat", "lazy_refcounts", "refcount_bits", "size", "backing_file",
-                 "backing_fmt")
+                 "backing_fmt", "data_file", "data_file_raw")
 CREATE_ONLY_OPTIONS = ("cluster_size", "extended_l2", "compression_type", "preallocation",
-                       "encryption", "encrypt.format", "data_file", "data_file_raw")
+                       "encryption", "encrypt.format")
 
 
 def _parse_bool(key: str, value: str) -> bool:
@@ -91,6 +91,11 @@ async def amend(drv: Qcow2Driver, options: dict[str, str]) -> None:
     new_size: int | None = None
     if "size" in options:
         new_size = parse_size("size", options["size"])
+    if "data_file" in options and not drv.external_data:
+        raise BlockError("data-file can only be set for images that use an external data file")
+    if "data_file_raw" in options and (
+            _parse_bool("data_file_raw", options["data_file_raw"]) != drv.data_file_raw):
+        raise BlockError("data-file-raw cannot be set on existing images")
 
     old_version = h.version
     if new_version > old_version:
@@ -103,6 +108,11 @@ async def amend(drv: Qcow2Driver, options: dict[str, str]) -> None:
     if "backing_file" in options or "backing_fmt" in options:
         h.backing_file = options.get("backing_file", h.backing_file) or None
         h.backing_format = options.get("backing_fmt", h.backing_format) or None
+        await _rewrite_header(drv)
+    if "data_file" in options:
+        # Only the name changes (an empty one drops it: the user must then name the file at
+        # every open); the open data file stays what it is.
+        h.data_file = options["data_file"] or None
         await _rewrite_header(drv)
     if lazy is not None:
         if lazy and new_version < 3:
@@ -154,6 +164,8 @@ async def _set_lazy_refcounts(drv: Qcow2Driver, lazy: bool) -> None:
 async def _downgrade(drv: Qcow2Driver) -> None:
     """To compat=0.10: only when nothing v3-only is left, zero clusters expanded first."""
     h = drv.header
+    if drv.external_data:
+        raise BlockError("Cannot downgrade an image with a data file")
     if h.refcount_order != 4:
         raise BlockError("compat=0.10 requires refcount_bits=16")
     if h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS:
@@ -245,11 +257,12 @@ async def compute_references(drv: Qcow2Driver) -> dict[int, int]:
             table = await drv.l2_cache.get(l2_offset)
             words = struct.unpack(f">{drv.l2_size * step}Q", table)
             for e in words[0::step]:
-                ctype = cluster_type(e & ~QCOW_OFLAG_ZERO if drv.extended_l2 else e)
+                ctype = drv._ctype(e & ~QCOW_OFLAG_ZERO if drv.extended_l2 else e)
                 if ctype is ClusterType.COMPRESSED:
                     coffset, csize = drv._compressed_range(e)
                     add(coffset, csize)
-                elif ctype in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+                elif ctype in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) and (
+                        not drv.external_data):  # data clusters there are not refcounted
                     add(e & L2E_OFFSET_MASK, cs)
     if h.nb_snapshots and h.snapshots_offset:
         add(h.snapshots_offset, drv.snapshots_size)

@@ -385,7 +385,8 @@ class _Checker:
                 res.corruptions += 1
             offset = entry & L2E_OFFSET_MASK
             zero_flag = bool(entry & QCOW_OFLAG_ZERO) and not ext
-            if not offset:
+            # Host offset 0 is a data cluster in an external data file (bit 63 set there).
+            if not offset and not (self.data_file and entry & QCOW_OFLAG_COPIED and not zero_flag):
                 if ext and not entry & (1 << 63) and bitmap & QCOW_L2_BITMAP_ALL_ALLOC:
                     res.corruptions += 1
                     self.msg("ERROR: Unallocated cluster has non-zero subcluster allocation map")

@@ -23,10 +23,12 @@ from blockgraph.drivers.qcow2.header import (
     HEADER_OFFSET_L1,
     HEADER_OFFSET_SIZE,
     MAX_L1_SIZE,
+    QCOW2_AUTOCLEAR_DATA_FILE_RAW,
     QCOW2_COMPAT_LAZY_REFCOUNTS,
     QCOW2_COMPRESSION_TYPE_ZLIB,
     QCOW2_COMPRESSION_TYPE_ZSTD,
     QCOW2_INCOMPAT_COMPRESSION,
+    QCOW2_INCOMPAT_DATA_FILE,
     QCOW2_INCOMPAT_EXTL2,
     V3_HEADER_LENGTH_WRITTEN,
     QcowHeader,
@@ -115,10 +117,12 @@ def raw_create_line(filename: str, options: Mapping[str, object]) -> str:
 
 
 class _CreateContext:
-    """The :class:`OpenContext` ``qcow2_create`` opens its fresh image with: file only."""
+    """The :class:`OpenContext` ``qcow2_create`` opens its fresh image with: its file and, if
+    there is one, its external data file."""
 
-    def __init__(self, file: ChildAccess) -> None:
+    def __init__(self, file: ChildAccess, data_file: ChildAccess | None) -> None:
         self._file = file
+        self._data_file = data_file
         self._flags = NodeFlags()
 
     @property
@@ -134,16 +138,25 @@ class _CreateContext:
                          read_only: bool | None = None) -> ChildAccess | None:
         if name == "file":
             return self._file
+        if name == "data-file":
+            return self._data_file
         return None
 
     def has_child_options(self, name: str) -> bool:
-        return False
+        return name == "data-file" and self._data_file is not None
+
+    def drop_child_options(self, name: str) -> None:
+        pass  # nothing here comes from a user
+
+    def set_child_role(self, name: str, role: ChildRole) -> None:
+        pass  # the creator's children are its own
 
 
 def check_options(size: int, version: int, cluster_size: int, refcount_bits: int,
                   extended_l2: bool, compression_type: str, lazy_refcounts: bool,
                   preallocation: str, backing_file: str | None,
-                  backing_format: str | None) -> None:
+                  backing_format: str | None, data_file: bool = False,
+                  data_file_raw: bool = False) -> None:
     """Refuse qcow2 creation options QEMU refuses, with its messages, before anything is written.
 
     Shared by ``img create`` and the ``blockdev-create`` job, so both reject the same input.
@@ -180,6 +193,13 @@ def check_options(size: int, version: int, cluster_size: int, refcount_bits: int
     if backing_file and preallocation != "off" and not extended_l2:
         raise BlockError("Backing file and preallocation can only be used at the same time if "
                          "extended_l2 is on")
+    if data_file_raw and not data_file:
+        raise BlockError("data-file-raw requires data-file")
+    if data_file_raw and backing_file:
+        raise BlockError("Backing file and data-file-raw cannot be used at the same time")
+    if data_file and version < 3:
+        raise BlockError("External data files are only supported with compatibility level 1.1 "
+                         "and above (use version=v3 or greater)")
     l2_entries = cluster_size // (16 if extended_l2 else 8)
     l1_size = -(-size // (cluster_size * l2_entries))
     if l1_size * 8 > MAX_L1_SIZE or size > (1 << 63) - 512:
@@ -200,10 +220,16 @@ async def qcow2_create(
     extended_l2: bool = False,
     compression_type: str = "zlib",
     preallocation: str = "off",
+    data_file: ChildAccess | None = None,
+    data_file_name: str | None = None,
+    data_file_raw: bool = False,
     **unsupported: Any,
 ) -> None:
     """Format ``file`` (an empty, writable child) as a qcow2 image of ``size`` bytes.
 
+    :param data_file: a writable child for guest data (external data file), resized to
+        ``size``; ``data_file_name`` is what the header records for it (omitted if None).
+    :param data_file_raw: the data file stays a raw image of the disk (all clusters mapped).
     :raise BlockError: with qemu-img's text for invalid option combinations.
     """
     if unsupported:
@@ -214,7 +240,12 @@ async def qcow2_create(
     version = _COMPAT_VERSIONS[compat]
     size = (size + 511) & ~511  # qemu-img rounds the disk size up to whole sectors
     check_options(size, version, cluster_size, refcount_bits, extended_l2, compression_type,
-                   lazy_refcounts, preallocation, backing_file, backing_format)
+                  lazy_refcounts, preallocation, backing_file, backing_format,
+                  data_file is not None, data_file_raw)
+    if data_file_raw and preallocation == "off":
+        # Every guest cluster must be mapped to its place in the raw data file, or data
+        # written there later would not be found through the L2 tables.
+        preallocation = "metadata"
 
     cluster_bits = cluster_size.bit_length() - 1
     refcount_order = refcount_bits.bit_length() - 1
@@ -233,6 +264,11 @@ async def qcow2_create(
         h.compatible_features |= QCOW2_COMPAT_LAZY_REFCOUNTS
     if extended_l2:
         h.incompatible_features |= QCOW2_INCOMPAT_EXTL2
+    if data_file is not None:
+        h.incompatible_features |= QCOW2_INCOMPAT_DATA_FILE
+        h.data_file = data_file_name or None
+        if data_file_raw:
+            h.autoclear_features |= QCOW2_AUTOCLEAR_DATA_FILE_RAW
     if compression_type == "zstd":
         h.incompatible_features |= QCOW2_INCOMPAT_COMPRESSION
         h.compression_type = QCOW2_COMPRESSION_TYPE_ZSTD
@@ -249,6 +285,8 @@ async def qcow2_create(
         set_refcount_entry(refblock, i, refcount_order, 1)
     await file.pwritev(0, memoryview(header_cluster + bytes(reftable) + bytes(refblock)))
 
+    if data_file is not None:
+        await data_file.truncate(size)
     l2_entries = cluster_size // (16 if extended_l2 else 8)
     l1_size = -(-size // (cluster_size * l2_entries))
     if l1_size == 0:
@@ -260,7 +298,7 @@ async def qcow2_create(
 
     drv = Qcow2Driver()
     # Lazy refcounts would mark the fresh image dirty: QEMU creates it with them off too.
-    await drv.open(_CreateContext(file), {"lazy-refcounts": False})
+    await drv.open(_CreateContext(file, data_file), {"lazy-refcounts": False})
     l1_bytes = l1_size * 8
     l1_offset = await drv.refcounts.alloc_clusters(l1_bytes)
     await drv.refcount_cache.flush()

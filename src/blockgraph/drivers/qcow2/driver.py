@@ -12,6 +12,11 @@ Rules of this module:
   depends on the L2 cache); the dirty bit synced before the first update that relies on it.
 * Requests come aligned to :attr:`request_alignment` (512) and inside the disk: the request
   layer above guarantees both.
+* With an external data file (the ``data-file`` child) guest clusters live there at host
+  offset == guest offset and are not refcounted; ``file`` holds only metadata. L2 entries
+  still map every cluster (bit 63 set, which makes host offset 0 a valid cluster), and the
+  data file is flushed before an L2 table pointing at new clusters in it is written. With
+  ``data_file_raw`` the data file is itself the disk: zeroes are written there too.
 
 Extension points for the next step: :meth:`Qcow2Driver._read_compressed` (the compressed write
 path goes next to it), ``header.nb_snapshots``/``snapshots_offset``/``bitmaps`` are parsed and
@@ -177,6 +182,12 @@ class Qcow2Driver(BlockDriver):
         self.log = log
         self.file: ChildAccess | None = None
         self.backing: ChildAccess | None = None
+        # The external data file (``data-file`` child): guest data lives there, at host offset
+        # == guest offset, and only metadata in ``file``. ``external_data`` is the header's
+        # incompatible bit; ``data_file`` stays None with it only when opened without I/O.
+        self.data_file: ChildAccess | None = None
+        self.external_data = False
+        self.data_file_raw = False
         self.header = QcowHeader()
         self.options: dict[str, Any] = {}
         self.read_only = False
@@ -237,10 +248,7 @@ class Qcow2Driver(BlockDriver):
             raise BlockError(
                 f"No encryption in image header, but options specified format '{enc_fmt}'"
             )
-        if h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE:
-            if not h.data_file:
-                raise BlockError("'data-file' is required for this image")
-            raise BlockError("qcow2: external data files are not supported")
+        await self._open_data_file(ctx)
         checking = ctx.flags.check
         if h.incompatible_features & QCOW2_INCOMPAT_CORRUPT and not self.read_only and not checking:
             raise BlockError("qcow2: Image is corrupt; cannot be opened read/write")
@@ -271,6 +279,7 @@ class Qcow2Driver(BlockDriver):
             h.refcount_table_offset, reftable,
         )
         self.refcounts.l2_cache = self.l2_cache
+        self.l2_cache.data_file = self.data_file
         self.refcounts.on_free = self._on_free
         self.l2_cache.pre_write = lambda o, n: self._overlap_check(o, n, "active-l2")
         self.refcount_cache.pre_write = lambda o, n: self._overlap_check(o, n, "refcount-block")
@@ -299,6 +308,33 @@ class Qcow2Driver(BlockDriver):
                     "backing", ChildRole.COW, filename=filename, driver=h.backing_format,
                     allow_none=True,
                 )
+
+    async def _open_data_file(self, ctx: OpenContext) -> None:
+        h = self.header
+        self.external_data = bool(h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE)
+        self.data_file_raw = bool(h.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW)
+        if ctx.flags.no_io:
+            # qemu-img info never opens a data file (the image's or the user's): an untrusted
+            # image can be inspected without touching the files it points at.
+            ctx.drop_child_options("data-file")
+            return
+        given = ctx.has_child_options("data-file")
+        if not self.external_data:
+            if given:
+                raise BlockError(
+                    "'data-file' can only be set for images with an external data file")
+            if self.data_file_raw:
+                raise BlockError("data-file-raw requires a data file")
+            return
+        # The name is used as written, relative to the working directory: QEMU 7.2 does not
+        # combine it with the image's directory (unlike backing file names).
+        self.data_file = await ctx.open_child("data-file", ChildRole.DATA,
+                                              filename=h.data_file or None, allow_none=True)
+        if self.data_file is None:
+            raise BlockError("'data-file' is required for this image")
+        # No guest data in ``file`` now: QEMU's role bits say so (query-blockstats then
+        # reports the data file as the node's "parent").
+        ctx.set_child_role("file", ChildRole.PRIMARY | ChildRole.METADATA)
 
     def _setup_geometry(self) -> None:
         h = self.header
@@ -447,6 +483,8 @@ class Qcow2Driver(BlockDriver):
             await self.persistent_bitmaps.store()
             await self._write_caches()
             await self.file.flush()
+            if self.data_file is not None:
+                await self.data_file.flush()
             if self.header.incompatible_features & QCOW2_INCOMPAT_DIRTY:
                 await self._set_incompat(self.header.incompatible_features & ~QCOW2_INCOMPAT_DIRTY)
 
@@ -562,6 +600,28 @@ class Qcow2Driver(BlockDriver):
         assert self.file is not None
         return self.file
 
+    @property
+    def _data(self) -> ChildAccess:
+        """Where guest data clusters live: the external data file, else ``file``."""
+        if self.external_data:
+            if self.data_file is None:
+                raise IOFailure(EIO)  # opened without I/O (qemu-img info)
+            return self.data_file
+        return self._file
+
+    def _ctype(self, l2_entry: int) -> ClusterType:
+        return cluster_type(l2_entry, self.external_data)
+
+    async def _alloc_data(self, guest_offset: int, length: int) -> int:
+        """Host offset for new data clusters at ``guest_offset`` (cluster aligned).
+
+        In an external data file a cluster's place is its guest offset (QEMU does so with
+        and without ``data_file_raw``) and nothing is refcounted.
+        """
+        if self.external_data:
+            return guest_offset
+        return await self.refcounts.alloc_clusters(length)
+
     def getlength(self) -> int:
         return self.header.size
 
@@ -590,6 +650,10 @@ class Qcow2Driver(BlockDriver):
         }
         if h.version >= 3:
             extra["lazy-refcounts"] = bool(h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS)
+        if self.external_data:
+            if h.data_file:
+                extra["data-file"] = h.data_file
+            extra["data-file-raw"] = self.data_file_raw
         bitmaps = [b for b in self.dirty_bitmaps if b.persistent]
         if bitmaps:
             # QEMU reports the directory on disk: bitmaps stored there are in_use while the
@@ -675,7 +739,7 @@ class Qcow2Driver(BlockDriver):
             cstart = cluster_start + i * cs
             lo = max(cstart, offset)
             hi = min(cstart + cs, end)
-            ctype = cluster_type(entry & ~QCOW_OFLAG_ZERO if self.extended_l2 else entry)
+            ctype = self._ctype(entry & ~QCOW_OFLAG_ZERO if self.extended_l2 else entry)
             if ctype is ClusterType.COMPRESSED:
                 segs.append(_Seg("compressed", lo, hi - lo, entry))
                 continue
@@ -738,7 +802,7 @@ class Qcow2Driver(BlockDriver):
 
     async def _read_segment(self, seg: _Seg, view: memoryview) -> None:
         if seg.kind == "data":
-            await self._file.preadv(seg.host_offset, view)
+            await self._data.preadv(seg.host_offset, view)
         elif seg.kind in ("zero", "zeroalloc"):
             _fill_zero(view)
         elif seg.kind == "backing":
@@ -811,11 +875,22 @@ class Qcow2Driver(BlockDriver):
 
     async def _free_any_cluster(self, l2_entry: int) -> None:
         """Drop the reference an L2 entry held (normal, preallocated zero, or compressed)."""
-        ctype = cluster_type(l2_entry & ~QCOW_OFLAG_ZERO if self.extended_l2 else l2_entry)
+        ctype = self._ctype(l2_entry & ~QCOW_OFLAG_ZERO if self.extended_l2 else l2_entry)
         if ctype is ClusterType.COMPRESSED:
             coffset, csize = self._compressed_range(l2_entry)
             await self.refcounts.free_clusters(coffset, csize)
         elif ctype in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+            if self.external_data:
+                # Data clusters there are not refcounted: dropping one only passes the
+                # discard on. Now, under the lock: the guest offset may be written next.
+                if self.data_file is not None and self.discard_passthrough.get(
+                        self._discard_type, False):
+                    try:
+                        await self.data_file.pdiscard(l2_entry & L2E_OFFSET_MASK,
+                                                      self.cluster_size)
+                    except IOFailure:
+                        pass  # advisory
+                return
             await self.refcounts.free_clusters(l2_entry & L2E_OFFSET_MASK, self.cluster_size)
 
     async def _read_old(self, cluster_offset: int, l2_entry: int, start: int, end: int) -> bytes:
@@ -851,6 +926,8 @@ class Qcow2Driver(BlockDriver):
     async def _write_compressed(self, offset: int, buf: memoryview) -> None:
         """``write -c``: whole clusters (or the disk's last, partial one), one at a time."""
         cs = self.cluster_size
+        if self.external_data:
+            raise IOFailure(ENOTSUP)  # a data file holds clusters at their guest offsets only
         if offset & (cs - 1):
             raise IOFailure(EINVAL, "qcow2: compressed writes must be cluster aligned")
         pos = 0
@@ -896,7 +973,7 @@ class Qcow2Driver(BlockDriver):
         # Runs: ("inplace", first, count, host) / ("reuse", ...) / ("new", first, count, 0).
         runs: list[list[Any]] = []
         for i, entry in enumerate(entries):
-            ctype = cluster_type(entry)
+            ctype = self._ctype(entry)
             host = entry & L2E_OFFSET_MASK
             if ctype is ClusterType.NORMAL and entry & QCOW_OFLAG_COPIED:
                 kind = "inplace"
@@ -922,22 +999,24 @@ class Qcow2Driver(BlockDriver):
             hi = min(run_end, end)
             piece = data[lo - offset : hi - offset]
             if kind == "new":
-                host = await self.refcounts.alloc_clusters(count * cs)
-            await self._overlap_check(host, count * cs)
+                host = await self._alloc_data(run_start, count * cs)
+            data_child = self._data
+            if not self.external_data:
+                await self._overlap_check(host, count * cs)
             if kind == "inplace":
-                await self._file.pwritev(host + (lo - run_start), piece)
+                await data_child.pwritev(host + (lo - run_start), piece)
                 continue
             cow = False
             if lo > run_start:
                 head = await self._read_old(run_start, entries[first], run_start, lo)
-                await self._file.pwritev(host, memoryview(head))
+                await data_child.pwritev(host, memoryview(head))
                 cow = True
-            await self._file.pwritev(host + (lo - run_start), piece)
+            await data_child.pwritev(host + (lo - run_start), piece)
             if hi < run_end:
                 tail = await self._read_old(run_end - cs, entries[first + count - 1], hi, run_end)
-                await self._file.pwritev(host + (hi - run_start), memoryview(tail))
+                await data_child.pwritev(host + (hi - run_start), memoryview(tail))
                 cow = True
-            if cow:
+            if cow or self.external_data:
                 self.l2_cache.set_depends_on_flush()
             await self._l2_depends_on_refcounts()
             table = await self.l2_cache.get(l2_offset)
@@ -983,6 +1062,12 @@ class Qcow2Driver(BlockDriver):
                 end, tail_end - end
             ):
                 raise IOFailure(ENOTSUP)
+            if self.data_file_raw and self.data_file is not None:
+                # The data file must stay a valid raw image of the disk: zero it there first,
+                # before the L2 entries say so.
+                await self.data_file.pwrite_zeroes(
+                    start, min(tail_end, self.header.size) - start,
+                    flags & RequestFlags.MAY_UNMAP)
             if self.header.version < 3 or self.extended_l2:
                 # No zero flag: fine only if it reads as zeros already.
                 if await self._is_zero(start, tail_end - start):
@@ -1005,7 +1090,7 @@ class Qcow2Driver(BlockDriver):
         entries = [e for e, _ in await self._l2_entries(l1_index, l2_index, nb)]
         new_entries: list[int] = []
         for entry in entries:
-            ctype = cluster_type(entry)
+            ctype = self._ctype(entry)
             unmap = ctype is ClusterType.COMPRESSED or (
                 bool(flags & RequestFlags.MAY_UNMAP)
                 and ctype in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC)
@@ -1023,12 +1108,17 @@ class Qcow2Driver(BlockDriver):
         struct.pack_into(f">{len(new)}Q", table, l2_index * L2E_SIZE_NORMAL, *new)
         self.l2_cache.mark_dirty(l2_offset)
         keeps = (ClusterType.NORMAL, ClusterType.ZERO_ALLOC)
+
+        def holds(entry: int) -> bool:
+            # In a data file, bit 63 marks host offset 0 as held even on a zero entry.
+            return self._ctype(entry) in keeps or (
+                self.external_data and bool(entry & QCOW_OFLAG_COPIED))
+
         for o, n in zip(old, new, strict=True):
             if o == n:
                 continue
             same_cluster = (
-                cluster_type(o) in keeps and cluster_type(n) in keeps
-                and (o & L2E_OFFSET_MASK) == (n & L2E_OFFSET_MASK)
+                holds(o) and holds(n) and (o & L2E_OFFSET_MASK) == (n & L2E_OFFSET_MASK)
             )
             if not same_cluster:
                 await self._free_any_cluster(o)
@@ -1067,7 +1157,7 @@ class Qcow2Driver(BlockDriver):
         zero = QCOW_OFLAG_ZERO if self.header.version >= 3 else 0
         new_entries = []
         for entry in entries:
-            ctype = cluster_type(entry)
+            ctype = self._ctype(entry)
             allocated = ctype in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC,
                                   ClusterType.COMPRESSED)
             # With a backing file a zero entry keeps the backing data hidden.
@@ -1122,12 +1212,15 @@ class Qcow2Driver(BlockDriver):
                 break
             probe = min(nb, probe * 8)
         F = BlockStatusFlags
+        # QEMU only looks below qcow2 for zeroes when it detects metadata preallocation from
+        # the refcounts of ``file``; data file clusters are not refcounted, so it never does.
+        recurse = not self.external_data
         if first.kind == "data":
             return BlockStatus(F.DATA | F.OFFSET_VALID | F.ALLOCATED, n, first.host_offset,
-                               self.file)
+                               self._data, recurse)
         if first.kind == "zeroalloc":
             return BlockStatus(F.ZERO | F.OFFSET_VALID | F.ALLOCATED, n, first.host_offset,
-                               self.file)
+                               self._data, recurse)
         if first.kind == "compressed":
             return BlockStatus(F.DATA | F.ALLOCATED, n)
         if first.kind == "zero":
@@ -1148,7 +1241,7 @@ class Qcow2Driver(BlockDriver):
             while pos < end:
                 l1_index, l2_index, nb = self._split(pos, end - pos)
                 l2_offset = await self._get_l2_for_write(l1_index)
-                host = await self.refcounts.alloc_clusters(nb * cs)
+                host = await self._alloc_data(pos, nb * cs)
                 await self._l2_depends_on_refcounts()
                 table = await self.l2_cache.get(l2_offset)
                 if self.extended_l2:
@@ -1163,5 +1256,5 @@ class Qcow2Driver(BlockDriver):
                 last_end = max(last_end, host + nb * cs)
                 pos += nb * cs
             await self._write_caches()
-            if last_end > self._file.getlength():
-                await self._file.truncate(last_end)
+            if last_end > self._data.getlength():
+                await self._data.truncate(last_end)

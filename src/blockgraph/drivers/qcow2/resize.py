@@ -23,7 +23,12 @@ from typing import TYPE_CHECKING
 
 from blockgraph.drivers.base import PREALLOC_MODES, RequestFlags
 from blockgraph.drivers.qcow2.header import HEADER_OFFSET_L1, HEADER_OFFSET_SIZE, MAX_L1_SIZE
-from blockgraph.drivers.qcow2.tables import L1E_OFFSET_MASK, L1E_SIZE, L2E_OFFSET_MASK
+from blockgraph.drivers.qcow2.tables import (
+    L1E_OFFSET_MASK,
+    L1E_SIZE,
+    L2E_OFFSET_MASK,
+    ClusterType,
+)
 from blockgraph.errors import ENOTSUP, BlockError, IOFailure
 
 if TYPE_CHECKING:
@@ -143,21 +148,24 @@ async def preallocate(drv: Qcow2Driver, offset: int, length: int, mode: str) -> 
             l1_index, l2_index, nb = drv._split(pos, end - pos)
             for entry, _bitmap in await drv._l2_entries(l1_index, l2_index, nb):
                 host = entry & L2E_OFFSET_MASK
+                if drv._ctype(entry) is not ClusterType.NORMAL:
+                    continue  # (host 0 is a data cluster in an external data file)
                 if runs and runs[-1][1] == host:
                     runs[-1][1] += cs
-                elif host:
+                else:
                     runs.append([host, host + cs])
             pos += nb * cs
     zeros = bytes(min(length, _ZERO_CHUNK))
+    data = drv._data
     for start, stop in runs:
         if mode == "falloc":
-            await drv._file.pwrite_zeroes(start, stop - start)
+            await data.pwrite_zeroes(start, stop - start)
             continue
         while start < stop:
             n = min(len(zeros), stop - start)
-            await drv._file.pwritev(start, memoryview(zeros)[:n])
+            await data.pwritev(start, memoryview(zeros)[:n])
             start += n
-    await drv._file.flush()
+    await data.flush()
 
 
 async def truncate(drv: Qcow2Driver, length: int, prealloc: str = "off") -> None:
@@ -192,7 +200,16 @@ async def truncate(drv: Qcow2Driver, length: int, prealloc: str = "off") -> None
             end = await _last_used_cluster_end(drv)
             if end < drv._file.getlength():
                 await drv._file.truncate(end)
+            if drv.external_data:
+                await drv._data.truncate(length)
         return
+
+    if drv.external_data:
+        # The data file grows with the disk (QEMU resizes it too); a raw one must describe
+        # the whole disk, so its new clusters are mapped as well.
+        await drv._data.truncate(length)
+        if drv.data_file_raw and prealloc == "off":
+            prealloc = "metadata"
 
     async with drv._lock:
         await grow_l1_table(drv, new_l1_size)

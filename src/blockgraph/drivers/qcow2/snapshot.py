@@ -31,7 +31,7 @@ from blockgraph.drivers.qcow2.tables import (
     ClusterType,
     cluster_type,
 )
-from blockgraph.errors import BlockError, IOFailure
+from blockgraph.errors import ENOTSUP, BlockError, IOFailure
 
 if TYPE_CHECKING:
     from blockgraph.drivers.qcow2.driver import Qcow2Driver
@@ -258,6 +258,9 @@ async def snapshot_create(drv: Qcow2Driver, name: str, *, id_str: str | None = N
 
     :raise BlockError: for a duplicate id or too many snapshots.
     """
+    if drv.external_data:
+        # Snapshots would share data clusters, which a data file cannot refcount.
+        raise IOFailure(ENOTSUP)
     if date is None:
         date = time.time()
     async with drv._lock:

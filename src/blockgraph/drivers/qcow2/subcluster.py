@@ -28,7 +28,6 @@ from blockgraph.drivers.qcow2.tables import (
     QCOW_OFLAG_ZERO,
     SUBCLUSTERS_PER_CLUSTER,
     ClusterType,
-    cluster_type,
 )
 
 if TYPE_CHECKING:
@@ -66,7 +65,7 @@ async def write_slice_ext(drv: Qcow2Driver, offset: int, data: memoryview, l1_in
         first = (lo - cstart) // sc
         last = (hi - 1 - cstart) // sc
         written = _mask(first, last)
-        ctype = cluster_type(entry & ~QCOW_OFLAG_ZERO)
+        ctype = drv._ctype(entry & ~QCOW_OFLAG_ZERO)
         host = entry & L2E_OFFSET_MASK
         inplace = ctype is ClusterType.NORMAL and bool(entry & QCOW_OFLAG_COPIED)
         whole_copy = not inplace and (ctype is ClusterType.COMPRESSED or bool(host))
@@ -87,7 +86,7 @@ async def write_slice_ext(drv: Qcow2Driver, offset: int, data: memoryview, l1_in
         else:
             payload = piece
         if inplace:
-            await drv._file.pwritev(host + (span_lo - cstart), payload)
+            await drv._data.pwritev(host + (span_lo - cstart), payload)
             new_bitmap = (bitmap | written) & ~(written << SUBCLUSTERS_PER_CLUSTER)
             if new_bitmap == bitmap:
                 continue
@@ -95,8 +94,8 @@ async def write_slice_ext(drv: Qcow2Driver, offset: int, data: memoryview, l1_in
         else:
             if not l2_offset:
                 l2_offset = await drv._get_l2_for_write(l1_index)
-            host = await drv.refcounts.alloc_clusters(cs)
-            await drv._file.pwritev(host + (span_lo - cstart), payload)
+            host = await drv._alloc_data(cstart, cs)
+            await drv._data.pwritev(host + (span_lo - cstart), payload)
             if ctype is ClusterType.COMPRESSED:
                 old_alloc = (1 << SUBCLUSTERS_PER_CLUSTER) - 1
                 old_zero = 0
@@ -105,7 +104,7 @@ async def write_slice_ext(drv: Qcow2Driver, offset: int, data: memoryview, l1_in
                 old_zero = bitmap >> SUBCLUSTERS_PER_CLUSTER
             new_bitmap = (old_alloc | written) | ((old_zero & ~written) << SUBCLUSTERS_PER_CLUSTER)
             new_entry = host | QCOW_OFLAG_COPIED
-        if cow:
+        if cow or drv.external_data:
             drv.l2_cache.set_depends_on_flush()
         if not l2_offset:
             l2_offset = await drv._get_l2_for_write(l1_index)

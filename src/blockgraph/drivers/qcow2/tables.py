@@ -62,16 +62,18 @@ class ClusterType(enum.Enum):
     COMPRESSED = 4
 
 
-def cluster_type(l2_entry: int) -> ClusterType:
+def cluster_type(l2_entry: int, data_file: bool = False) -> ClusterType:
     """Classify a standard L2 entry (the first word of an extended one).
 
     With extended L2 entries the zero bit is unused: callers look at the bitmap instead.
+    With an external data file (``data_file``) host offset 0 is a valid data cluster: every
+    cluster there has refcount 1, so ``QCOW_OFLAG_COPIED`` tells it from an unallocated one.
     """
     if l2_entry & QCOW_OFLAG_COMPRESSED:
         return ClusterType.COMPRESSED
     if l2_entry & QCOW_OFLAG_ZERO:
         return ClusterType.ZERO_ALLOC if l2_entry & L2E_OFFSET_MASK else ClusterType.ZERO_PLAIN
-    if l2_entry & L2E_OFFSET_MASK:
+    if l2_entry & L2E_OFFSET_MASK or (data_file and l2_entry & QCOW_OFLAG_COPIED):
         return ClusterType.NORMAL
     return ClusterType.UNALLOCATED
 
@@ -99,6 +101,9 @@ class Qcow2Cache:
         self.dirty: set[int] = set()
         self.depends: Qcow2Cache | None = None
         self.depends_on_flush = False
+        # Where the data clusters these tables point at live when that is not ``file`` (an
+        # external data file): "depends on flush" must make that data stable too.
+        self.data_file: ChildAccess | None = None
         # Called before each table write; raises to refuse it (the overlap check hook).
         self.pre_write: Callable[[int, int], Awaitable[None]] | None = None
 
@@ -168,12 +173,16 @@ class Qcow2Cache:
         if dep is not None:
             await dep.flush()
             self.depends = None
+        if self.depends_on_flush and self.data_file is not None:
+            await self.data_file.flush()
         self.depends_on_flush = False
 
     async def _before_write(self) -> None:
         if self.depends is not None:
             await self.flush_dependency()
         elif self.depends_on_flush:
+            if self.data_file is not None:
+                await self.data_file.flush()
             await self.file.flush()
             self.depends_on_flush = False
 

@@ -145,11 +145,12 @@ def _device_stats(*, rd_bytes: int = 0, wr_bytes: int = 0, rd_operations: int = 
 
 
 def _data_child(node: Node) -> Node | None:
-    primary = node.primary_io_child()
-    if primary is not None:
-        return primary
-    return next((c.node for c in node.children if c.role & (ChildRole.DATA | ChildRole.FILTERED)),
-                None)
+    """The primary child if it holds data (or is filtered), else the one child holding data."""
+    primary = next((c for c in node.children if c.role & ChildRole.PRIMARY), None)
+    if primary is not None and primary.role & (ChildRole.DATA | ChildRole.FILTERED):
+        return primary.node
+    holders = [c.node for c in node.children if c.role & ChildRole.DATA]
+    return holders[0] if len(holders) == 1 else None
 
 
 def _node_stats(node: Node, backend: BlockBackend | None) -> dict[str, object]:

@@ -53,7 +53,7 @@ def size_arg(text: str) -> int:
 
 
 _INT_CREATE_OPTIONS = ("cluster_size", "refcount_bits")
-_BOOL_CREATE_OPTIONS = ("lazy_refcounts", "extended_l2")
+_BOOL_CREATE_OPTIONS = ("lazy_refcounts", "extended_l2", "data_file_raw")
 
 
 def typed_create_option(key: str, value: str) -> object:
@@ -186,7 +186,7 @@ async def node_status(node: Node, offset: int, length: int) -> tuple[BlockStatus
         return F.ZERO, length, None, None
     file = status.file
     if (flags & F.OFFSET_VALID and file is not None and status.offset is not None
-            and flags & F.DATA and not flags & F.ZERO and file.node_name != node.node_name):
+            and status.recurse and flags & F.DATA and not flags & F.ZERO and file.node_name != node.node_name):
         below = await file.block_status(status.offset, n)
         if below.flags & F.EOF or below.length == 0:
             flags |= F.ZERO

@@ -16,7 +16,6 @@ checked without the images is checked before a source is opened.
 from __future__ import annotations
 
 import asyncio
-import errno
 import getopt
 import os
 import sys
@@ -64,7 +63,8 @@ _CREATE_OPTIONS = {
     "raw": ("preallocation",),
     "file": ("preallocation",),
     "qcow2": ("backing_file", "backing_fmt", "cluster_size", "compat", "lazy_refcounts",
-              "refcount_bits", "extended_l2", "compression_type", "preallocation"),
+              "refcount_bits", "extended_l2", "compression_type", "preallocation", "data_file",
+              "data_file_raw"),
 }
 
 
@@ -256,8 +256,8 @@ class _Converter:
         try:
             await self.target.pwritev(offset, view, flags)
         except IOFailure as exc:
-            if flags & RequestFlags.COMPRESSED and exc.errno == errno.ENOTSUP:
-                raise Fail("Compression not supported for this file format") from None
+            # Formats that cannot compress at all were refused before: here it is the image
+            # (a qcow2 data file), and qemu-img reports the failed write.
             raise Fail(f"error while writing at byte {offset}: {os.strerror(exc.errno)}") from None
 
     async def _copy_data(self, src: _Source, offset: int, length: int, target_offset: int) -> None:

@@ -16,7 +16,7 @@ from blockgraph.tools.img.common import Fail as _Fail
 from blockgraph.tools.img.common import size_arg as _size_arg
 
 _INT_OPTIONS = ("cluster_size", "refcount_bits")
-_BOOL_OPTIONS = ("lazy_refcounts", "extended_l2")
+_BOOL_OPTIONS = ("lazy_refcounts", "extended_l2", "data_file_raw")
 
 
 def _typed_create_option(key: str, value: str) -> object:

@@ -10,6 +10,7 @@ from blockgraph.errors import BlockError
 from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.query import image_info
 from blockgraph.monitor.imageinfo import format_image_info, image_info_json
+from blockgraph.options.keyval import parse_drive_opts
 from blockgraph.tools.img.common import Fail as _Fail
 
 
@@ -22,6 +23,7 @@ def cmd_info(prog: str, args: list[str]) -> int:
     fmt = None
     output = "human"
     chain = False
+    image_opts = False
     for flag, value in opts:
         if flag == "-f":
             fmt = value
@@ -29,6 +31,8 @@ def cmd_info(prog: str, args: list[str]) -> int:
             output = value
         elif flag == "--backing-chain":
             chain = True
+        elif flag == "--image-opts":
+            image_opts = True
     if output not in ("human", "json"):
         raise _Fail("--output must be used with human or json as argument.")
     if not rest:
@@ -37,10 +41,14 @@ def cmd_info(prog: str, args: list[str]) -> int:
     layer = BlockLayer()
     try:
         options: dict[str, object] = {"read-only": True}
-        if fmt:
+        open_name: str | None = filename
+        if image_opts:
+            options.update(parse_drive_opts(filename))
+            open_name = None
+        elif fmt:
             options["driver"] = fmt
         try:
-            node = layer.run(layer.open_node(filename, options))
+            node = layer.run(layer.open_node(open_name, options, no_io=True))
         except BlockError as exc:
             raise _Fail(f"Could not open '{filename}': {exc}") from None
         nodes = [node]

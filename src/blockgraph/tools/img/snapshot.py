@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getopt
+import os
 import sys
 
 from blockgraph.errors import BlockError, IOFailure
@@ -68,8 +69,12 @@ def cmd_snapshot(prog: str, args: list[str]) -> int:
                 layer.run(drv.snapshot_goto(name))
             else:
                 layer.run(drv.snapshot_delete(None, name))
-        except (BlockError, IOFailure) as exc:
+        except BlockError as exc:
             raise _Fail(f"Could not {_VERBS[action]} snapshot '{name}': {exc}") from None
+        except IOFailure as exc:
+            # qemu-img prints a bare errno as "-N (text)".
+            raise _Fail(f"Could not {_VERBS[action]} snapshot '{name}': -{exc.errno} "
+                        f"({os.strerror(exc.errno)})") from None
     finally:
         layer.close()
     return 0
