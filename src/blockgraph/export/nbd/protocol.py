@@ -40,18 +40,7 @@ STATE_DIRTY = 1 << 0
 META_ID_DIRTY_BITMAP = 2
 CONTEXT_DIRTY_BITMAP = "qemu:dirty-bitmap:"
 
-# QEMU's nbd_opt_lookup / nbd_cmd_lookup names, used in its error texts.
-OPTION_NAMES: dict[int, str] = {
-    OPT_EXPORT_NAME: "export name",
-    OPT_ABORT: "abort",
-    OPT_LIST: "list",
-    OPT_STARTTLS: "starttls",
-    OPT_INFO: "info",
-    OPT_GO: "go",
-    OPT_STRUCTURED_REPLY: "structured reply",
-    OPT_LIST_META_CONTEXT: "list meta context",
-    OPT_SET_META_CONTEXT: "set meta context",
-}
+# QEMU's nbd_cmd_lookup names, used in its error texts (option names live in wire).
 COMMAND_NAMES: dict[int, str] = {
     CMD_READ: "read",
     CMD_WRITE: "write",
@@ -62,10 +51,6 @@ COMMAND_NAMES: dict[int, str] = {
     CMD_WRITE_ZEROES: "write zeroes",
     CMD_BLOCK_STATUS: "block status",
 }
-
-
-def option_name(option: int) -> str:
-    return OPTION_NAMES.get(option, "<unknown>")
 
 
 def command_name(command: int) -> str:

@@ -28,6 +28,7 @@ from blockgraph.tools.img.common import (
     Progress,
     chain_status,
     is_zero,
+    new_layer,
     open_image,
     root,
     size_arg,
@@ -300,7 +301,7 @@ def cmd_convert(prog: str, args: list[str]) -> int:
     if out_fmt not in _KNOWN_FORMATS:
         raise Fail(f"Unknown file format '{out_fmt}'")
 
-    layer = BlockLayer()
+    layer = new_layer(opts)
     prog_state = Progress(progress, 1.0)
     try:
         sources: list[_Source] = []

@@ -7,10 +7,11 @@ import json
 import sys
 
 from blockgraph.errors import BlockError
-from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.query import image_info
 from blockgraph.monitor.imageinfo import format_image_info, image_info_json
+from blockgraph.options.keyval import parse_drive_opts
 from blockgraph.tools.img.common import Fail as _Fail
+from blockgraph.tools.img.common import new_layer, open_failure
 
 
 def cmd_info(prog: str, args: list[str]) -> int:
@@ -22,6 +23,7 @@ def cmd_info(prog: str, args: list[str]) -> int:
     fmt = None
     output = "human"
     chain = False
+    image_opts = False
     for flag, value in opts:
         if flag == "-f":
             fmt = value
@@ -29,20 +31,29 @@ def cmd_info(prog: str, args: list[str]) -> int:
             output = value
         elif flag == "--backing-chain":
             chain = True
+        elif flag == "--image-opts":
+            image_opts = True
     if output not in ("human", "json"):
         raise _Fail("--output must be used with human or json as argument.")
     if not rest:
         raise _Fail("Expecting one image file name")
     filename = rest[0]
-    layer = BlockLayer()
+    layer = new_layer(opts)
     try:
         options: dict[str, object] = {"read-only": True}
-        if fmt:
+        open_name: str | None = filename
+        if image_opts:
+            try:
+                options.update(parse_drive_opts(filename))
+            except BlockError as exc:
+                raise _Fail(str(exc)) from None
+            open_name = None
+        elif fmt:
             options["driver"] = fmt
         try:
-            node = layer.run(layer.open_node(filename, options))
+            node = layer.run(layer.open_node(open_name, options))
         except BlockError as exc:
-            raise _Fail(f"Could not open '{filename}': {exc}") from None
+            raise open_failure(filename, exc) from None
         nodes = [node]
         while chain and nodes[-1].backing is not None:
             backing = nodes[-1].backing

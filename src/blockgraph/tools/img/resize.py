@@ -6,9 +6,8 @@ import getopt
 import sys
 
 from blockgraph.errors import BlockError, IOFailure, OptionError
-from blockgraph.graph.layer import BlockLayer
 from blockgraph.options.schema import parse_size
-from blockgraph.tools.img.common import Fail, open_image, root
+from blockgraph.tools.img.common import Fail, new_layer, open_image, root
 
 _SHRINK_WARNING = ("warning: Shrinking an image will delete all data beyond the shrunken "
                    "image's end. Before performing such an operation, make sure there is no "
@@ -55,7 +54,7 @@ def cmd_resize(prog: str, args: list[str]) -> int:
         raise Fail(_SIZE_ERROR, tail=_SIZE_TAIL) from None
     if prealloc not in ("off", "metadata", "falloc", "full"):
         raise Fail(f"Invalid preallocation mode: '{prealloc}'")
-    layer = BlockLayer()
+    layer = new_layer(opts)
     try:
         bb = open_image(layer, filename, fmt, read_only=False)
         current = bb.getlength()

@@ -7,8 +7,8 @@ import sys
 
 from blockgraph.drivers.qcow2.snapshot import snapshot_list_text
 from blockgraph.errors import BlockError, IOFailure
-from blockgraph.graph.layer import BlockLayer
 from blockgraph.tools.img.common import Fail as _Fail
+from blockgraph.tools.img.common import new_layer, open_failure
 
 _ACTIONS = {"-l": "list", "-a": "apply", "-c": "create", "-d": "delete"}
 _VERBS = {"apply": "apply", "create": "create", "delete": "delete"}
@@ -41,7 +41,7 @@ def cmd_snapshot(prog: str, args: list[str]) -> int:
     filename = rest[0]
     if action is None:
         return 0
-    layer = BlockLayer()
+    layer = new_layer(opts)
     try:
         options: dict[str, object] = {"read-only": action == "list"}
         if fmt:
@@ -51,7 +51,7 @@ def cmd_snapshot(prog: str, args: list[str]) -> int:
         try:
             node = layer.run(layer.open_node(filename, options))
         except BlockError as exc:
-            raise _Fail(f"Could not open '{filename}': {exc}") from None
+            raise open_failure(filename, exc) from None
         drv = node.driver
         from blockgraph.drivers.qcow2.driver import Qcow2Driver
 

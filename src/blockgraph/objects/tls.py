@@ -1,0 +1,193 @@
+"""``tls-creds-x509``: x509 credentials from a directory of PEM files, as Python ``ssl`` contexts.
+
+QEMU 7.2 reads, in this order (``dir`` is required):
+
+* ``ca-cert.pem`` always (a missing file is an error even with ``verify-peer=off``),
+  ``ca-crl.pem`` if present;
+* server endpoint: ``server-cert.pem`` and ``server-key.pem`` (required), ``dh-params.pem``
+  (optional);
+* client endpoint: ``client-cert.pem`` and ``client-key.pem`` (both optional; used when both
+  exist).
+
+``passwordid`` names a ``secret`` holding the key's password; it is looked up only when a key is
+loaded. Everything is read when the object is created, so bad files fail the ``--object``
+option, as in QEMU. ``priority`` is a GnuTLS priority string: it is kept but has no OpenSSL
+equivalent, so the defaults of Python's ``ssl`` apply. QEMU's ``sanity-check`` checks are partly
+done (PEM structure of the certificates), not the certificate times and usages.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from blockgraph.errors import BlockError
+from blockgraph.objects import UserObject
+
+if TYPE_CHECKING:
+    from blockgraph.objects import ObjectRegistry
+
+__all__ = ["TlsCredsX509", "verify_error_text"]
+
+CA_CERT = "ca-cert.pem"
+CA_CRL = "ca-crl.pem"
+SERVER_CERT = "server-cert.pem"
+SERVER_KEY = "server-key.pem"
+CLIENT_CERT = "client-cert.pem"
+CLIENT_KEY = "client-key.pem"
+DH_PARAMS = "dh-params.pem"
+
+_PEM_CERT = b"-----BEGIN CERTIFICATE-----"
+# GnuTLS's message for a file without a PEM header.
+_NO_PEM = "Base64 unexpected header error."
+
+
+def _path(directory: str, name: str, required: bool) -> str | None:
+    """QEMU's qcrypto_tls_creds_get_path: a readable file, or None if optional and absent."""
+    path = f"{directory}/{name}"
+    if os.access(path, os.R_OK):
+        return path
+    err = _errno.EACCES
+    try:
+        os.stat(path)
+    except OSError as exc:
+        err = exc.errno or _errno.ENOENT
+    if not required and err == _errno.ENOENT:
+        return None
+    raise BlockError(f"Unable to access credentials {path}: {os.strerror(err)}")
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise BlockError(f"Unable to access credentials {path}: {exc.strerror}") from None
+
+
+def _pem_certificates(data: bytes) -> int:
+    """How many well-formed PEM certificates ``data`` holds."""
+    count = 0
+    text = data.decode("ascii", "replace")
+    for block in text.split("-----BEGIN CERTIFICATE-----")[1:]:
+        body, end, _ = block.partition("-----END CERTIFICATE-----")
+        if not end:
+            return 0
+        try:
+            ssl.PEM_cert_to_DER_cert("-----BEGIN CERTIFICATE-----" + body + "-----END CERTIFICATE-----\n")
+        except ValueError:
+            return 0
+        count += 1
+    return count
+
+
+def _key_error_text(exc: ssl.SSLError) -> str:
+    """GnuTLS's reason for a certificate/key pair it cannot load, from OpenSSL's."""
+    reason = f"{exc.reason or ''} {exc}".upper()
+    if "KEY_VALUES_MISMATCH" in reason:
+        return "The certificate and the given key do not match."
+    if "BAD DECRYPT" in reason or "BAD_DECRYPT" in reason:
+        return "Decryption has failed."
+    return "The requested data were not available."
+
+
+def verify_error_text(exc: ssl.SSLCertVerificationError, hostname: str | None) -> str:
+    """QEMU's text for a peer certificate that failed verification."""
+    code = exc.verify_code
+    if code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+        return f"Certificate does not match the hostname {hostname}"
+    if code in (2, 18, 19, 20, 21):  # issuer unknown, self-signed, chain not verifiable
+        return "The certificate hasn't got a known issuer"
+    if code == 23:  # X509_V_ERR_CERT_REVOKED
+        return "The certificate has been revoked"
+    return "The certificate is not trusted"
+
+
+def _password(registry: ObjectRegistry, passwordid: str | None) -> bytes:
+    if passwordid is None:
+        return b""
+    data = registry.secret(passwordid).data
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BlockError(f"Data from secret {passwordid} is not valid UTF-8") from None
+    return data
+
+
+@dataclass
+class TlsCredsX509(UserObject):
+    """Credentials for one endpoint; :attr:`context` is ready for a TLS handshake."""
+
+    dir: str = ""
+    endpoint: str = "client"
+    verify_peer: bool = True
+    priority: str | None = None
+    context: ssl.SSLContext = field(default_factory=lambda: ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+
+    @property
+    def is_server(self) -> bool:
+        return self.endpoint == "server"
+
+    @classmethod
+    def create(cls, ident: str, props: Mapping[str, Any], registry: ObjectRegistry) -> TlsCredsX509:
+        """Build the credentials from checked ``props`` (QEMU's member names).
+
+        :raise BlockError: QEMU's text for a missing or unreadable file.
+        """
+        directory = props.get("dir")
+        if directory is None:
+            raise BlockError("Missing 'dir' property value")
+        endpoint = str(props.get("endpoint", "client"))
+        verify_peer = bool(props.get("verify-peer", True))
+        sanity_check = bool(props.get("sanity-check", True))
+        server = endpoint == "server"
+        ca = _path(directory, CA_CERT, True)
+        assert ca is not None
+        crl = _path(directory, CA_CRL, False)
+        cert = _path(directory, SERVER_CERT if server else CLIENT_CERT, server)
+        key = _path(directory, SERVER_KEY if server else CLIENT_KEY, server)
+        dh = _path(directory, DH_PARAMS, False) if server else None
+        if sanity_check:
+            if not _pem_certificates(_read(ca)):
+                raise BlockError(f"Unable to import CA certificate list {ca}")
+            if cert is not None and not _pem_certificates(_read(cert)):
+                raise BlockError(f"Unable to import {endpoint} certificate {cert}: {_NO_PEM}")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            context.load_verify_locations(cafile=ca)
+        except ssl.SSLError:
+            raise BlockError(f"Cannot load CA certificate '{ca}': Error in parsing.") from None
+        if cert is not None and key is not None:
+            password = _password(registry, props.get("passwordid"))
+            try:
+                # A callable password: OpenSSL must never prompt on the terminal.
+                context.load_cert_chain(cert, key, password=lambda: password)
+            except ssl.SSLError as exc:
+                raise BlockError(f"Cannot load certificate '{cert}' & key '{key}': "
+                                 f"{_key_error_text(exc)}") from None
+        if crl is not None:
+            try:
+                context.load_verify_locations(cafile=crl)
+            except ssl.SSLError:
+                raise BlockError(f"Cannot load CRL '{crl}': Error in parsing.") from None
+            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        if dh is not None:
+            if b"-----BEGIN" not in _read(dh):
+                raise BlockError(f"Unable to load DH parameters from {dh}: {_NO_PEM}")
+            try:
+                context.load_dh_params(dh)
+            except ssl.SSLError:
+                raise BlockError(f"Unable to load DH parameters from {dh}: Error in parsing.") from None
+        if server:
+            context.verify_mode = ssl.CERT_REQUIRED if verify_peer else ssl.CERT_NONE
+        else:
+            # The hostname is checked by the client against tls-hostname or the server address.
+            context.check_hostname = verify_peer
+            context.verify_mode = ssl.CERT_REQUIRED if verify_peer else ssl.CERT_NONE
+        priority = props.get("priority")
+        return cls("tls-creds-x509", ident, directory, endpoint, verify_peer,
+                   None if priority is None else str(priority), context)
