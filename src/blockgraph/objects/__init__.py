@@ -24,7 +24,7 @@ from typing import Any
 from blockgraph.errors import BlockError
 
 __all__ = [
-    "OBJECT_TYPES", "TOOL_OBJECT_TYPES", "UserObject", "Secret", "ObjectRegistry", "add_object",
+    "OBJECT_TYPES", "TOOL_OBJECT_TYPES", "ObjectCreationError", "UserObject", "Secret", "ObjectRegistry", "add_object",
     "parse_object", "object_help",
 ]
 
@@ -41,6 +41,14 @@ _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 _ID_HINT = "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter."
 _BOOL_WORDS = {"on": True, "yes": True, "true": True, "y": True,
                "off": False, "no": False, "false": False, "n": False}
+
+
+class ObjectCreationError(BlockError):
+    """A failure after the options were accepted: a duplicate id, or the object's own files.
+
+    qemu-system-x86_64 reports these without the ``-object ...:`` location it gives option
+    errors, because it creates objects after parsing the command line.
+    """
 
 
 @dataclass
@@ -203,16 +211,22 @@ def add_object(registry: ObjectRegistry, spec: str | Mapping[str, Any],
     if qom_type not in types:
         raise BlockError(f"invalid object type: {qom_type}")
     if ident in registry.objects:
-        raise BlockError(f"attempt to add duplicate property '{ident}' to object (type 'container')")
+        raise ObjectCreationError(f"attempt to add duplicate property '{ident}' to object "
+                                  "(type 'container')")
     obj: UserObject
-    if qom_type == "secret":
-        obj = Secret(qom_type, ident, _secret_data(props))
-    elif qom_type == "tls-creds-x509":
-        from blockgraph.objects.tls import TlsCredsX509
+    try:
+        if qom_type == "secret":
+            obj = Secret(qom_type, ident, _secret_data(props))
+        elif qom_type == "tls-creds-x509":
+            from blockgraph.objects.tls import TlsCredsX509
 
-        obj = TlsCredsX509.create(ident, props, registry)
-    else:
-        obj = UserObject(qom_type, ident)
+            obj = TlsCredsX509.create(ident, props, registry)
+        else:
+            obj = UserObject(qom_type, ident)
+    except ObjectCreationError:
+        raise
+    except BlockError as exc:
+        raise ObjectCreationError(str(exc)) from None
     registry.objects[ident] = obj
     return obj
 

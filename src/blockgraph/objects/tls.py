@@ -132,6 +132,12 @@ class TlsCredsX509(UserObject):
     def is_server(self) -> bool:
         return self.endpoint == "server"
 
+    def peer_certificate_missing(self, ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> bool:
+        """Whether a finished handshake lacks the client certificate ``verify-peer`` demands."""
+        if not self.verify_peer:
+            return False
+        return ssl_object is None or not ssl_object.getpeercert()
+
     @classmethod
     def create(cls, ident: str, props: Mapping[str, Any], registry: ObjectRegistry) -> TlsCredsX509:
         """Build the credentials from checked ``props`` (QEMU's member names).
@@ -183,7 +189,13 @@ class TlsCredsX509(UserObject):
             except ssl.SSLError:
                 raise BlockError(f"Unable to load DH parameters from {dh}: Error in parsing.") from None
         if server:
-            context.verify_mode = ssl.CERT_REQUIRED if verify_peer else ssl.CERT_NONE
+            # QEMU asks for a client certificate and checks its presence after the handshake,
+            # closing the socket without an alert when there is none (see
+            # ``peer_certificate_missing``); a certificate that is sent is verified here.
+            context.verify_mode = ssl.CERT_OPTIONAL if verify_peer else ssl.CERT_NONE
+            # NBD clients never resume sessions; tickets would only be bytes in flight when a
+            # refused client is cut off.
+            context.num_tickets = 0
         else:
             # The hostname is checked by the client against tls-hostname or the server address.
             context.check_hostname = verify_peer

@@ -6,6 +6,10 @@ only moves bytes and runs requests. Every export does its I/O through its own
 passing ``RequestFlags.FUA`` for FUA requests. Requests of one connection run concurrently (up
 to :data:`MAX_REQUESTS`) and are answered as they complete. A failing connection is closed and
 logged; the server goes on.
+
+With TLS credentials, the connection is upgraded in place when the protocol asks for it
+(:class:`~blockgraph.export.nbd.protocol.StartTLS`), with asyncio's ``start_tls``; a failed
+handshake closes that connection only.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import itertools
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +31,7 @@ from blockgraph.errors import IOFailure
 from blockgraph.export.nbd import protocol as P
 from blockgraph.export.nbd.status import chain_status, extents
 from blockgraph.graph.node import BlockBackend, Node
+from blockgraph.objects.tls import TlsCredsX509
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +71,14 @@ class NBDServer:
 
     :param max_connections: clients served at once (qemu-nbd ``-e``); 0 = no limit. Clients
         beyond it wait until a slot frees. Multi-conn is advertised unless it is 1, as QEMU does.
+    :param tls_creds: server credentials: every client must start TLS first.
     """
 
-    def __init__(self, exports: list[NBDExport], *, max_connections: int = 0) -> None:
+    def __init__(self, exports: list[NBDExport], *, max_connections: int = 0,
+                 tls_creds: TlsCredsX509 | None = None) -> None:
         self.exports = {e.name: e for e in exports}
         self.max_connections = max_connections
+        self.tls_creds = tls_creds
         self._slots = asyncio.Semaphore(max_connections) if max_connections > 0 else None
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[asyncio.Task[None]] = set()
@@ -191,7 +200,8 @@ class _Client:
         self.reader = reader
         self.writer = writer
         self.log = logger
-        self.conn = P.ServerConnection(lookup=server._lookup, listing=server._listing)
+        self.conn = P.ServerConnection(lookup=server._lookup, listing=server._listing,
+                                       tls=server.tls_creds is not None)
         self.export: NBDExport | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.broken = False
@@ -235,6 +245,11 @@ class _Client:
                 task = asyncio.ensure_future(self._request(event))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
+            elif isinstance(event, P.StartTLS):
+                self.flush()
+                await self.drain()
+                if not await self._start_tls():
+                    break
             elif isinstance(event, P.ConnectionClosed):
                 if event.reason is not None:
                     self.log.warning("Disconnect client, due to: %s", event.reason)
@@ -242,6 +257,27 @@ class _Client:
             self.flush()
             await self.drain()
         self.flush()
+
+    async def _start_tls(self) -> bool:
+        """Upgrade the connection; False (logged) when the handshake fails."""
+        creds = self.server.tls_creds
+        assert creds is not None
+        if self.broken:
+            return False
+        try:
+            await self.writer.start_tls(creds.context)
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            self.broken = True
+            self.log.warning("Disconnect client, due to: TLS handshake failed: %s", exc)
+            return False
+        if creds.peer_certificate_missing(self.writer.get_extra_info("ssl_object")):
+            # As QEMU: the socket just closes, without a TLS alert.
+            self.broken = True
+            self.writer.transport.abort()
+            self.log.warning("Disconnect client, due to: No certificate peer")
+            return False
+        self.conn.tls_established()
+        return True
 
     async def close(self) -> None:
         if self.tasks:
