@@ -9,11 +9,18 @@ QEMU 7.2 reads, in this order (``dir`` is required):
 * client endpoint: ``client-cert.pem`` and ``client-key.pem`` (both optional; used when both
   exist).
 
+With ``sanity-check=on`` (the default) the certificates must be PEM, and our own certificate
+must verify against ``ca-cert.pem`` (QEMU: ``Our own certificate ... failed validation
+against ...``); Python's ``ssl`` cannot verify a certificate on its own, so this runs one TLS
+handshake in memory between two contexts holding the certificate and key, after the key is
+loaded (QEMU checks before loading the key, so a bad key and a foreign certificate together
+are reported the other way round).
+
 ``passwordid`` names a ``secret`` holding the key's password; it is looked up only when a key is
 loaded. Everything is read when the object is created, so bad files fail the ``--object``
 option, as in QEMU. ``priority`` is a GnuTLS priority string: it is kept but has no OpenSSL
-equivalent, so the defaults of Python's ``ssl`` apply. QEMU's ``sanity-check`` checks are partly
-done (PEM structure of the certificates), not the certificate times and usages.
+equivalent, so the defaults of Python's ``ssl`` apply. QEMU's separate checks of certificate
+times, basic constraints and key usages are not made beyond what OpenSSL's verification does.
 """
 
 from __future__ import annotations
@@ -107,6 +114,52 @@ def verify_error_text(exc: ssl.SSLCertVerificationError, hostname: str | None) -
     return "The certificate is not trusted"
 
 
+def _verify_own(cert: str, key: str, ca: str, password: bytes, server: bool) -> str | None:
+    """Why our own certificate does not verify against ``ca``, or None if it does.
+
+    The peer that checks it plays the role that checks such certificates in real use (a
+    client checks a server certificate, a server a client one), so that OpenSSL applies the
+    matching purpose.
+    """
+    holder = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    checker = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT if server else ssl.PROTOCOL_TLS_SERVER)
+    holder.load_cert_chain(cert, key, password=lambda: password)
+    checker.load_verify_locations(cafile=ca)
+    checker.verify_mode = ssl.CERT_REQUIRED
+    checker.check_hostname = False
+    if server:
+        holder.check_hostname = False
+    else:
+        # A server must present some certificate; the holder does not look at it.
+        holder.check_hostname = False
+        holder.verify_mode = ssl.CERT_NONE
+        checker.load_cert_chain(cert, key, password=lambda: password)
+    pairs = [(holder, ssl.MemoryBIO(), ssl.MemoryBIO(), server),
+             (checker, ssl.MemoryBIO(), ssl.MemoryBIO(), not server)]
+    ends = [ctx.wrap_bio(inc, out, server_side=side) for ctx, inc, out, side in pairs]
+    done = [False, False]
+    for _ in range(20):  # a handshake takes a handful of round trips
+        for i, end in enumerate(ends):
+            if done[i]:
+                continue
+            try:
+                end.do_handshake()
+                done[i] = True
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLCertVerificationError as exc:
+                return verify_error_text(exc, None) if i == 1 else None
+            except ssl.SSLError as exc:
+                if i == 1:
+                    return str(exc.reason or exc)
+                # The holder sees the checker's alert; the checker's error is the reason.
+            _, inc_other, _, _ = pairs[1 - i]
+            inc_other.write(pairs[i][2].read())
+        if all(done):
+            return None
+    return None
+
+
 def _password(registry: ObjectRegistry, passwordid: str | None) -> bytes:
     if passwordid is None:
         return b""
@@ -175,6 +228,11 @@ class TlsCredsX509(UserObject):
             except ssl.SSLError as exc:
                 raise BlockError(f"Cannot load certificate '{cert}' & key '{key}': "
                                  f"{_key_error_text(exc)}") from None
+            if sanity_check:
+                reason = _verify_own(cert, key, ca, password, server)
+                if reason is not None:
+                    raise BlockError(f"Our own certificate {cert} failed validation against "
+                                     f"{ca}: {reason}")
         if crl is not None:
             try:
                 context.load_verify_locations(cafile=crl)
