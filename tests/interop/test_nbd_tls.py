@@ -9,6 +9,7 @@ print in the same situation against qemu-nbd, with the program name and socket p
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -20,12 +21,14 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 if str(Path(__file__).resolve().parents[2]) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.interop.test_daemon_exports import Daemon  # noqa: E402
 from tests.interop.test_nbd_server import BLOCKGRAPH, LIBNBD_PATH, _require, _wait_exit  # noqa: E402
 
 TOOLS = ("qemu-nbd", "qemu-img", "qemu-io", "qemu-storage-daemon", "nbdinfo", "openssl")
@@ -176,7 +179,8 @@ class Server:
 def servers(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     started: list[Server] = []
 
-    def start(kind: str, image: Path, *args: str, tls: Path | None = None, tcp: bool = False) -> Server:
+    def start(kind: str, image: Path, *args: str, tls: Path | None = None, tcp: bool = False,
+              tls_props: str = "") -> Server:
         n = len(started)
         pid_file = tmp_path / f"{kind}{n}.pid"
         exe = [*BLOCKGRAPH, "nbd"] if kind == "ours" else ["qemu-nbd"]
@@ -190,7 +194,8 @@ def servers(tmp_path: Path) -> Iterator[Callable[..., Server]]:
             sock = tmp_path / f"{kind}{n}.sock"
             cmd += ["-k", str(sock)]
         if tls is not None:
-            cmd += ["--object", f"tls-creds-x509,id=tls0,dir={tls},endpoint=server", "--tls-creds", "tls0"]
+            cmd += ["--object", f"tls-creds-x509,id=tls0,dir={tls},endpoint=server{tls_props}",
+                    "--tls-creds", "tls0"]
         # The forked server keeps the stderr it was given: a file, so that nothing waits on
         # a pipe it holds open.
         log = tmp_path / f"{kind}{n}.log"
@@ -308,6 +313,65 @@ def test_storage_daemon_nbd_server_with_tls(tmp_path: Path, pki: PKI) -> None:
         _wait_exit(pid)
 
 
+def _qmp_tls_script(pki: PKI, image: Path) -> list[dict[str, Any]]:
+    def obj(**props: object) -> dict[str, Any]:
+        return {"execute": "object-add", "arguments": {"qom-type": "tls-creds-x509", **props}}
+
+    return [
+        obj(id="t0", dir="/nonexistent", endpoint="server"),
+        obj(id="t0", dir=str(pki.server), endpoint="server", **{"verify-peer": "on"}),
+        obj(id="t0", dir=str(pki.server), endpoint="bogus"),
+        obj(id="t0", dir=str(pki.server), endpoint="server", bogus=1),
+        obj(id="c0", dir=str(pki.client), endpoint="client"),
+        obj(id="t0", dir=str(pki.server), endpoint="server"),
+        obj(id="t0", dir=str(pki.server), endpoint="server"),
+        {"execute": "object-add", "arguments": {"qom-type": "secret", "id": "s0", "data": "x"}},
+        {"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "disk0",
+                                                   "file": {"driver": "file", "filename": str(image)}}},
+        {"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "@DIR@/n.sock"}},
+                                                      "tls-creds": "nope"}},
+        {"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "@DIR@/n.sock"}},
+                                                      "tls-creds": "s0"}},
+        {"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "@DIR@/n.sock"}},
+                                                      "tls-creds": "c0"}},
+        {"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "@DIR@/n.sock"}},
+                                                      "tls-creds": "t0"}},
+        {"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "disk0",
+                                                      "writable": True}},
+        # The server keeps the credentials it was given, as QEMU's does.
+        {"execute": "object-del", "arguments": {"id": "t0"}},
+        {"execute": "object-del", "arguments": {"id": "t0"}},
+    ]
+
+
+def test_qmp_object_add_and_tls_server_match_qsd(tmp_path: Path, pki: PKI) -> None:
+    image = _image(tmp_path)
+    transcripts = []
+    daemons = [Daemon(kind, tmp_path) for kind in ("ours", "qemu")]
+    try:
+        for daemon in daemons:
+            qmp = daemon.qmp()
+            replies = []
+            for request in _qmp_tls_script(pki, image):
+                text = json.dumps(request).replace("@DIR@", str(daemon.dir))
+                replies.append(qmp.raw(json.loads(text)))
+            qmp.close()
+            transcripts.append(json.loads(json.dumps(replies).replace(str(daemon.dir), "DIR")))
+            # The export only speaks TLS, with the credentials that were deleted from QOM.
+            opts = (f"driver=nbd,server.type=unix,server.path={daemon.dir}/n.sock,export=disk0,"
+                    "tls-creds=tls0,tls-hostname=localhost")
+            proc = _qemu_io(pki.client, opts, "read -P 0xab 0 64k")
+            assert proc.returncode == 0, proc.stderr
+            plain = _run("qemu-img", "info", f"nbd+unix:///disk0?socket={daemon.dir}/n.sock")
+            assert "TLS negotiation required before option 7 (go)" in plain.stderr
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+    assert transcripts[0] == transcripts[1]
+    assert transcripts[0][0]["error"]["desc"] == \
+        "Unable to access credentials /nonexistent/ca-cert.pem: No such file or directory"
+
+
 # -- our client against qemu-nbd -------------------------------------------------------------------
 
 
@@ -394,6 +458,37 @@ def test_missing_client_certificate(tmp_path: Path, pki: PKI, servers: Callable[
         assert proc.returncode == 1 and texts.match(_message(proc.stderr)), proc.stderr
     # The server is still there for a client with a certificate.
     assert _qemu_io(pki.client, ours.image_opts(), "read -P 0xab 0 512").returncode == 0
+
+
+def test_verify_peer_off_accepts_clients_without_certificate(
+        tmp_path: Path, pki: PKI, servers: Callable[..., Server]) -> None:
+    image = _image(tmp_path)
+    for kind in ("ours", "qemu"):
+        server = servers(kind, image, tls=pki.server, tls_props=",verify-peer=off")
+        proc = _qemu_io(pki.client_nocert, server.image_opts(), "read -P 0xab 0 64k")
+        assert proc.returncode == 0, proc.stderr
+    proc = _our_io(pki.client_nocert, server.image_opts(), "read -P 0x11 1M 64k")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_client_verify_peer_off_skips_server_checks(
+        tmp_path: Path, pki: PKI, servers: Callable[..., Server]) -> None:
+    server = servers("qemu", _image(tmp_path), tls=pki.server, tls_props=",verify-peer=off")
+    # A foreign CA and no hostname: with verify-peer=off the client checks nothing.
+    opts = server.image_opts().replace(",tls-hostname=localhost", "")
+    for run in (_run_qemu_io_noverify, _run_our_io_noverify):
+        proc = run(pki.wrong_ca, opts)
+        assert proc.returncode == 0, proc.stderr
+
+
+def _run_qemu_io_noverify(directory: Path, opts: str) -> subprocess.CompletedProcess[str]:
+    return _run("qemu-io", "--object", f"tls-creds-x509,id=tls0,dir={directory},endpoint=client,"
+                "verify-peer=off", "-c", "read -P 0xab 0 4k", "--image-opts", opts)
+
+
+def _run_our_io_noverify(directory: Path, opts: str) -> subprocess.CompletedProcess[str]:
+    return _run(*BLOCKGRAPH, "io", "--object", f"tls-creds-x509,id=tls0,dir={directory},"
+                "endpoint=client,verify-peer=off", "-c", "read -P 0xab 0 4k", "--image-opts", opts)
 
 
 # -- raw protocol before and after STARTTLS --------------------------------------------------------------
