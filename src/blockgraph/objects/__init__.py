@@ -19,9 +19,12 @@ import base64
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blockgraph.errors import BlockError
+
+if TYPE_CHECKING:
+    from blockgraph.objects.tls import TlsCredsX509
 
 __all__ = [
     "OBJECT_TYPES", "TOOL_OBJECT_TYPES", "ObjectCreationError", "UserObject", "Secret", "ObjectRegistry", "add_object",
@@ -130,14 +133,13 @@ class ObjectRegistry:
             raise BlockError(f"No secret with id '{ident}'")
         return found
 
-    def tls_creds(self, ident: str, endpoint: str) -> Any:
+    def tls_creds(self, ident: str, endpoint: str) -> TlsCredsX509:
         """The TLS credentials ``ident`` for an ``endpoint`` ("server" or "client").
 
-        :return: a :class:`~blockgraph.objects.tls.TlsCredsX509`.
         :raise BlockError: QEMU's texts for a missing object, an object of another type, and
             credentials made for the other endpoint.
         """
-        from blockgraph.objects.tls import TlsCredsX509
+        from blockgraph.objects.tls import TlsCredsX509  # tls builds on this module
 
         found = self.objects.get(ident)
         if found is None:

@@ -36,7 +36,6 @@ from blockgraph.drivers.nbd.client import (
     ExportInfo,
     Extents,
     HandshakeDone,
-    Phase,
     ReadData,
     ReadHole,
     RequestDone,
@@ -285,7 +284,8 @@ class NbdDriver(BlockDriver):
 
     async def _handshake(self, conn: ClientConnection, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> ExportInfo:
-        tls_up = False
+        # True from the TLS handshake until the server's first byte inside TLS.
+        tls_unanswered = False
         while True:
             event = conn.next_event()
             if isinstance(event, HandshakeDone):
@@ -295,7 +295,7 @@ class NbdDriver(BlockDriver):
             if isinstance(event, StartTLS):
                 await self._start_tls(writer)
                 conn.tls_established()
-                tls_up = True
+                tls_unanswered = True
                 continue
             try:
                 out = conn.data_to_send()
@@ -303,16 +303,15 @@ class NbdDriver(BlockDriver):
                     writer.write(out)
                     await writer.drain()
                 data = await reader.read(65536)
-            except ssl.SSLError:
+            except OSError:  # ssl.SSLError included: a TLS alert ends the connection too
                 data = b""
-            except OSError:
-                data = b""
-            if tls_up and not data and conn.phase is Phase.OPTIONS:
-                # The server hung up on us right after the TLS handshake: with TLS 1.3 that is
-                # how it refuses a missing or unwanted client certificate. GnuTLS notices it on
+            if tls_unanswered and not data:
+                # The server hung up right after the TLS handshake: with TLS 1.3 that is how
+                # it refuses a missing or unwanted client certificate. GnuTLS notices it on
                 # its next write, so QEMU words it that way.
                 raise BlockError("Failed to send option request header: Cannot write to TLS "
                                  "channel: Input/output error")
+            tls_unanswered = False
             conn.receive_data(data)
 
     async def _start_tls(self, writer: asyncio.StreamWriter) -> None:
