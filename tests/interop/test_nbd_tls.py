@@ -253,13 +253,14 @@ def test_qemu_clients_read_write_compare(tmp_path: Path, pki: PKI, servers: Call
     image = _image(tmp_path)
     server = servers("ours", image, tls=pki.server, tcp=tcp)
     opts = server.image_opts()
-    proc = _qemu_io(pki.client, opts, "read -P 0xab 0 64k", "write -P 0x5c 2M 128k",
-                    "read -P 0x5c 2M 128k", "read -P 0x11 1M 192k")
+    # 1 MiB requests span many TLS records.
+    proc = _qemu_io(pki.client, opts, "read -P 0xab 0 64k", "write -P 0x5c 2M 1M",
+                    "read -P 0x5c 2M 1M", "read -P 0x11 1M 192k")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("read ") == 3 and "wrote 131072/131072 bytes at offset 2097152" in proc.stdout
+    assert proc.stdout.count("read ") == 3 and "wrote 1048576/1048576 bytes at offset 2097152" in proc.stdout
     # The write is in the image, and the whole export compares equal to it.
     data = image.read_bytes()
-    assert data[2 * MiB : 2 * MiB + 128 * 1024] == b"\x5c" * (128 * 1024)
+    assert data[2 * MiB : 3 * MiB] == b"\x5c" * MiB
     proc = _run("qemu-img", "compare", *_client_object(pki.client), "--image-opts", opts,
                 f"driver=raw,file.filename={image}")
     assert (proc.returncode, proc.stdout) == (0, "Images are identical.\n"), proc.stderr
@@ -709,3 +710,17 @@ def test_storage_daemon_errors_match(tmp_path: Path, pki: PKI, case: tuple[str, 
         results.append((proc.returncode, text))
     assert results[0][0] == 1
     assert results[1] == results[0]
+
+
+@pytest.mark.parametrize("tool", ["nbd", "img", "io", "storage-daemon"])
+@pytest.mark.parametrize("value", ["help", "tls-creds-x509,help"])
+def test_object_help_matches(tmp_path: Path, tool: str, value: str) -> None:
+    image = _image(tmp_path)
+    qemu = {"nbd": ["qemu-nbd"], "img": ["qemu-img", "info"], "io": ["qemu-io"],
+            "storage-daemon": ["qemu-storage-daemon"]}[tool]
+    ours = [*BLOCKGRAPH, *tool.split(), *qemu[1:]]
+    tail = [] if tool == "storage-daemon" else [str(image)]
+    expected = _run(*qemu, "--object", value, *tail)
+    got = _run(*ours, "--object", value, *tail)
+    assert expected.returncode == 0 and "tls-creds-x509" in expected.stdout
+    assert (got.returncode, got.stdout) == (0, expected.stdout)

@@ -19,7 +19,7 @@ from blockgraph.drivers.base import BlockStatusFlags, ChildAccess
 from blockgraph.errors import BlockError, OptionError
 from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.node import BlockBackend, Node
-from blockgraph.objects import TOOL_OBJECT_TYPES, add_object
+from blockgraph.objects import TOOL_OBJECT_TYPES, add_object, object_help
 from blockgraph.options.cache import CACHE_MODES
 from blockgraph.options.schema import parse_bool, parse_size
 
@@ -123,6 +123,12 @@ def new_layer(opts: list[tuple[str, str]]) -> BlockLayer:
     for flag, value in opts:
         if flag != "--object":
             continue
+        lines = object_help(value, TOOL_OBJECT_TYPES)
+        if lines is not None:
+            # qemu-img prints the help and exits successfully, whatever the command.
+            layer.close()
+            sys.stdout.write("".join(line + "\n" for line in lines))
+            raise SystemExit(0)
         try:
             add_object(layer.objects, value, TOOL_OBJECT_TYPES)
         except BlockError as exc:
