@@ -84,6 +84,7 @@ class PKI:
     client_nocert: Path  # ca-cert.pem only
     wrong_ca: Path  # another CA's ca-cert.pem only
     foreign: Path  # another CA's ca-cert.pem, and a client certificate of ours
+    encrypted: Path  # server files with the key encrypted by the password "sekrit"
 
 
 def _openssl(*args: str) -> None:
@@ -122,11 +123,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     other = _make_ca(work, cnf, "otherca")
     server_key, server_cert = _issue(work, cnf, ca, "server", "server")
     client_key, client_cert = _issue(work, cnf, ca, "client", "client")
-    dirs = {name: root / name for name in ("server", "client", "client-nocert", "wrong-ca", "foreign")}
+    dirs = {name: root / name
+            for name in ("server", "client", "client-nocert", "wrong-ca", "foreign", "encrypted")}
     for directory in dirs.values():
         directory.mkdir()
-    for name in ("server", "client", "client-nocert"):
+    for name in ("server", "client", "client-nocert", "encrypted"):
         (dirs[name] / "ca-cert.pem").write_bytes(ca[1].read_bytes())
+    (dirs["encrypted"] / "server-cert.pem").write_bytes(server_cert.read_bytes())
+    _openssl("pkcs8", "-topk8", "-in", str(server_key), "-out", str(dirs["encrypted"] / "server-key.pem"),
+             "-passout", "pass:sekrit", "-v2", "aes-256-cbc")
     for name in ("wrong-ca", "foreign"):
         (dirs[name] / "ca-cert.pem").write_bytes(other[1].read_bytes())
     (dirs["server"] / "server-cert.pem").write_bytes(server_cert.read_bytes())
@@ -134,7 +139,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     for name in ("client", "foreign"):
         (dirs[name] / "client-cert.pem").write_bytes(client_cert.read_bytes())
         (dirs[name] / "client-key.pem").write_bytes(client_key.read_bytes())
-    return PKI(dirs["server"], dirs["client"], dirs["client-nocert"], dirs["wrong-ca"], dirs["foreign"])
+    return PKI(dirs["server"], dirs["client"], dirs["client-nocert"], dirs["wrong-ca"], dirs["foreign"],
+               dirs["encrypted"])
 
 
 # -- servers ----------------------------------------------------------------------------------------
@@ -461,6 +467,14 @@ def test_missing_client_certificate(tmp_path: Path, pki: PKI, servers: Callable[
     assert _qemu_io(pki.client, ours.image_opts(), "read -P 0xab 0 512").returncode == 0
 
 
+def test_encrypted_key_with_password_secret(tmp_path: Path, pki: PKI, servers: Callable[..., Server]) -> None:
+    image = _image(tmp_path)
+    server = servers("ours", image, "--object", "secret,id=pw,data=sekrit",
+                     tls=pki.encrypted, tls_props=",passwordid=pw")
+    proc = _qemu_io(pki.client, server.image_opts(), "read -P 0xab 0 64k")
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_verify_peer_off_accepts_clients_without_certificate(
         tmp_path: Path, pki: PKI, servers: Callable[..., Server]) -> None:
     image = _image(tmp_path)
@@ -641,6 +655,7 @@ def _bad_dirs(tmp: Path, pki: PKI) -> dict[str, Path]:
     dirs["CLIENT"] = pki.client
     dirs["NOCERT"] = pki.client_nocert
     dirs["FOREIGN"] = pki.foreign
+    dirs["ENCRYPTED"] = pki.encrypted
     return dirs
 
 
@@ -660,6 +675,11 @@ NBD_CASES = [
     ("--object", "tls-creds-x509,id=t0,dir=GARBAGE_KEY,endpoint=server"),
     ("--object", "tls-creds-x509,id=t0,dir=MISMATCH,endpoint=server"),
     ("--object", "tls-creds-x509,id=t0,dir=FOREIGN,endpoint=client"),
+    ("--object", "tls-creds-x509,id=t0,dir=ENCRYPTED,endpoint=server"),
+    ("--object", "secret,id=pw,data=wrong", "--object",
+     "tls-creds-x509,id=t0,dir=ENCRYPTED,endpoint=server,passwordid=pw"),
+    ("--object", "secret,id=pw,data=sekrit", "--object",
+     "tls-creds-x509,id=t0,dir=ENCRYPTED,endpoint=server,passwordid=pw", "--tls-creds", "none"),
     ("--object", "tls-creds-x509,id=t0,dir=FOREIGN,endpoint=client,sanity-check=off",
      "--tls-creds", "t0"),
     ("--object", "tls-creds-x509,id=t0,dir=CLIENT,endpoint=client", "--tls-creds", "t0"),

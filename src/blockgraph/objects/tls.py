@@ -92,12 +92,13 @@ def _pem_certificates(data: bytes) -> int:
     return count
 
 
-def _key_error_text(exc: ssl.SSLError) -> str:
+def _key_error_text(exc: ssl.SSLError, key: str) -> str:
     """GnuTLS's reason for a certificate/key pair it cannot load, from OpenSSL's."""
     reason = f"{exc.reason or ''} {exc}".upper()
     if "KEY_VALUES_MISMATCH" in reason:
         return "The certificate and the given key do not match."
-    if "BAD DECRYPT" in reason or "BAD_DECRYPT" in reason:
+    # OpenSSL only says "PEM lib" for a wrong or missing password.
+    if "BAD DECRYPT" in reason or "BAD_DECRYPT" in reason or b"ENCRYPTED" in _read(key):
         return "Decryption has failed."
     return "The requested data were not available."
 
@@ -227,7 +228,7 @@ class TlsCredsX509(UserObject):
                 context.load_cert_chain(cert, key, password=lambda: password)
             except ssl.SSLError as exc:
                 raise BlockError(f"Cannot load certificate '{cert}' & key '{key}': "
-                                 f"{_key_error_text(exc)}") from None
+                                 f"{_key_error_text(exc, key)}") from None
             if sanity_check:
                 reason = _verify_own(cert, key, ca, password, server)
                 if reason is not None:
