@@ -100,13 +100,14 @@ def _make_ca(directory: Path, cnf: Path, name: str) -> tuple[Path, Path]:
     return key, cert
 
 
-def _issue(directory: Path, cnf: Path, ca: tuple[Path, Path], name: str, kind: str) -> tuple[Path, Path]:
+def _issue(directory: Path, cnf: Path, ca: tuple[Path, Path], name: str, kind: str,
+           serial: int) -> tuple[Path, Path]:
     key, csr, cert = (directory / f"{name}-key.pem", directory / f"{name}.csr",
                       directory / f"{name}-cert.pem")
     _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
              "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}", "-config", str(cnf))
     _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[1]), "-CAkey", str(ca[0]),
-             "-set_serial", str(abs(hash(name)) % 100000 + 1), "-out", str(cert), "-days", "2",
+             "-set_serial", str(serial), "-out", str(cert), "-days", "2",
              "-extfile", str(cnf), "-extensions", kind)
     return key, cert
 
@@ -121,8 +122,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     cnf.write_text(_EXTENSIONS)
     ca = _make_ca(work, cnf, "ca")
     other = _make_ca(work, cnf, "otherca")
-    server_key, server_cert = _issue(work, cnf, ca, "server", "server")
-    client_key, client_cert = _issue(work, cnf, ca, "client", "client")
+    server_key, server_cert = _issue(work, cnf, ca, "server", "server", 1)
+    client_key, client_cert = _issue(work, cnf, ca, "client", "client", 2)
     dirs = {name: root / name
             for name in ("server", "client", "client-nocert", "wrong-ca", "foreign", "encrypted")}
     for directory in dirs.values():
