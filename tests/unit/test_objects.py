@@ -47,6 +47,11 @@ def _error(spec: str | dict[str, object], registry: ObjectRegistry | None = None
     ("tls-creds-x509,id=t0", "Missing 'dir' property value"),
     ("tls-creds-x509,id=t0,dir=/nonexistent",
      "Unable to access credentials /nonexistent/ca-cert.pem: No such file or directory"),
+    ("tls-creds-psk,id=p0,username=u,bogus=1", "Parameter 'bogus' is unexpected"),
+    ("tls-creds-psk,id=p0", "Missing 'dir' property value"),
+    ("tls-creds-psk,id=p0,dir=/nonexistent",
+     "Unable to access credentials /nonexistent/keys.psk: No such file or directory"),
+    ("tls-creds-anon,id=a0,sanity-check=on", "Parameter 'sanity-check' is unexpected"),
     ("secret,id=s0", "Either 'file' or 'data' must be provided"),
     ("secret,id=s0,data=x,file=/etc/hostname", "'file' and 'data' are mutually exclusive"),
     ("secret,id=s0,data=x,format=hex", "Parameter 'format' does not accept value 'hex'"),
@@ -108,6 +113,9 @@ def test_other_types_only_take_an_id() -> None:
 def test_tls_creds_lookup_errors() -> None:
     registry = ObjectRegistry()
     add_object(registry, "secret,id=s0,data=x")
+    add_object(registry, "tls-creds-anon,id=a0,endpoint=server")
+    with pytest.raises(BlockError, match="^TLS credentials of type 'tls-creds-anon' are not supported"):
+        registry.tls_creds("a0", "server")
     with pytest.raises(BlockError, match="^No TLS credentials with id 't0'$"):
         registry.tls_creds("t0", "server")
     with pytest.raises(BlockError, match="^Object with id 's0' is not TLS credentials$"):

@@ -79,14 +79,18 @@ _SECRET_MEMBERS: tuple[Member, ...] = (
     ("format", ("raw", "base64")), ("keyid", "str"), ("iv", "str"), ("data", "str"),
     ("file", "str"),
 )
-_TLS_X509_MEMBERS: tuple[Member, ...] = (
+_TLS_MEMBERS: tuple[Member, ...] = (
     ("verify-peer", "bool"), ("dir", "str"), ("endpoint", ("client", "server")),
-    ("priority", "str"), ("sanity-check", "bool"), ("passwordid", "str"),
+    ("priority", "str"),
 )
 _MEMBERS: dict[str, tuple[Member, ...]] = {
     "secret": _SECRET_MEMBERS,
-    "tls-creds-x509": _TLS_X509_MEMBERS,
+    "tls-creds-x509": (*_TLS_MEMBERS, ("sanity-check", "bool"), ("passwordid", "str")),
+    "tls-creds-psk": (*_TLS_MEMBERS, ("username", "str")),
+    "tls-creds-anon": _TLS_MEMBERS,
 }
+# The QOM type names ``--object TYPE,help`` shows for members that are not plain.
+_HELP_TYPES = {"str": "string", "bool": "bool", "endpoint": "QCryptoTLSCredsEndpoint"}
 
 
 def _check_members(members: Sequence[Member], props: dict[str, Any], keyval: bool) -> None:
@@ -174,10 +178,11 @@ def object_help(text: str, types: Sequence[str] = OBJECT_TYPES) -> list[str] | N
     """The lines QEMU prints for ``--object help`` / ``--object tls-creds-x509,help``, or None."""
     if text in ("help", "?"):
         return ["List of user creatable objects:", *(f"  {t}" for t in types)]
-    if text in ("tls-creds-x509,help", "tls-creds-x509,?"):
-        return ["tls-creds-x509 options:", "  dir=<string>", "  endpoint=<QCryptoTLSCredsEndpoint>",
-                "  passwordid=<string>", "  priority=<string>", "  sanity-check=<bool>",
-                "  verify-peer=<bool>"]
+    kind, _, rest = text.partition(",")
+    if rest in ("help", "?") and kind.startswith("tls-creds-") and kind in _MEMBERS:
+        members = sorted(_MEMBERS[kind])
+        return [f"{kind} options:", *(f"  {name}=<{_HELP_TYPES[name if name == 'endpoint' else str(t)]}>"
+                                      for name, t in members)]
     return None
 
 
@@ -223,6 +228,12 @@ def add_object(registry: ObjectRegistry, spec: str | Mapping[str, Any],
             from blockgraph.objects.tls import TlsCredsX509
 
             obj = TlsCredsX509.create(ident, props, registry)
+        elif qom_type == "tls-creds-psk":
+            from blockgraph.objects.tls import check_psk_files
+
+            # Checked as QEMU does, though Python's ssl cannot use PSK credentials.
+            check_psk_files(props)
+            obj = UserObject(qom_type, ident)
         else:
             obj = UserObject(qom_type, ident)
     except ObjectCreationError:

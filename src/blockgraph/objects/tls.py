@@ -38,7 +38,7 @@ from blockgraph.objects import UserObject
 if TYPE_CHECKING:
     from blockgraph.objects import ObjectRegistry
 
-__all__ = ["TlsCredsX509", "verify_error_text"]
+__all__ = ["TlsCredsX509", "check_psk_files", "verify_error_text"]
 
 CA_CERT = "ca-cert.pem"
 CA_CRL = "ca-crl.pem"
@@ -47,6 +47,7 @@ SERVER_KEY = "server-key.pem"
 CLIENT_CERT = "client-cert.pem"
 CLIENT_KEY = "client-key.pem"
 DH_PARAMS = "dh-params.pem"
+PSK_KEYS = "keys.psk"
 
 _PEM_CERT = b"-----BEGIN CERTIFICATE-----"
 # GnuTLS's message for a file without a PEM header.
@@ -66,6 +67,16 @@ def _path(directory: str, name: str, required: bool) -> str | None:
     if not required and err == _errno.ENOENT:
         return None
     raise BlockError(f"Unable to access credentials {path}: {os.strerror(err)}")
+
+
+def check_psk_files(props: Mapping[str, Any]) -> None:
+    """``tls-creds-psk``: QEMU's checks of ``dir`` and its ``keys.psk`` (the keys are not used)."""
+    directory = props.get("dir")
+    if directory is None:
+        raise BlockError("Missing 'dir' property value")
+    _path(str(directory), PSK_KEYS, True)
+    if props.get("endpoint") == "server":
+        _path(str(directory), DH_PARAMS, False)
 
 
 def _read(path: str) -> bytes:
