@@ -77,6 +77,11 @@ extendedKeyUsage = clientAuth
 """
 
 
+# The client's subject, and the distinguished name QEMU's authz objects match it as.
+CLIENT_SUBJECT = "/C=GB/L=London/O=Example Org/CN=client"
+CLIENT_DN = "C=GB,L=London,O=Example Org,CN=client"
+
+
 @dataclass(frozen=True)
 class PKI:
     server: Path  # ca-cert.pem, server-cert.pem, server-key.pem
@@ -101,11 +106,11 @@ def _make_ca(directory: Path, cnf: Path, name: str) -> tuple[Path, Path]:
 
 
 def _issue(directory: Path, cnf: Path, ca: tuple[Path, Path], name: str, kind: str,
-           serial: int) -> tuple[Path, Path]:
+           serial: int, subject: str) -> tuple[Path, Path]:
     key, csr, cert = (directory / f"{name}-key.pem", directory / f"{name}.csr",
                       directory / f"{name}-cert.pem")
     _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}", "-config", str(cnf))
+             "-keyout", str(key), "-out", str(csr), "-subj", subject, "-config", str(cnf))
     _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[1]), "-CAkey", str(ca[0]),
              "-set_serial", str(serial), "-out", str(cert), "-days", "2",
              "-extfile", str(cnf), "-extensions", kind)
@@ -122,8 +127,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     cnf.write_text(_EXTENSIONS)
     ca = _make_ca(work, cnf, "ca")
     other = _make_ca(work, cnf, "otherca")
-    server_key, server_cert = _issue(work, cnf, ca, "server", "server", 1)
-    client_key, client_cert = _issue(work, cnf, ca, "client", "client", 2)
+    server_key, server_cert = _issue(work, cnf, ca, "server", "server", 1, "/CN=localhost")
+    client_key, client_cert = _issue(work, cnf, ca, "client", "client", 2, CLIENT_SUBJECT)
     dirs = {name: root / name
             for name in ("server", "client", "client-nocert", "wrong-ca", "foreign", "encrypted")}
     for directory in dirs.values():
@@ -474,6 +479,27 @@ def test_encrypted_key_with_password_secret(tmp_path: Path, pki: PKI, servers: C
                      tls=pki.encrypted, tls_props=",passwordid=pw")
     proc = _qemu_io(pki.client, server.image_opts(), "read -P 0xab 0 64k")
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("authz", [
+    f"authz-simple,id=a0,identity={CLIENT_DN.replace(',', ',,')}",
+    "authz-simple,id=a0,identity=CN=someone-else",
+    None,  # --tls-authz names no object: everyone is refused
+], ids=["allowed", "denied", "missing"])
+def test_tls_authz_simple(tmp_path: Path, pki: PKI, servers: Callable[..., Server], authz: str | None) -> None:
+    image = _image(tmp_path)
+    objects = ["--object", authz] if authz is not None else []
+    refused = re.compile(r"can't open: Failed to (send option request header: Cannot write to|"
+                         r"read option reply: Cannot read from) TLS channel: (Input/output error|"
+                         r"Software caused connection abort)\n\Z")
+    for kind in ("qemu", "ours"):
+        server = servers(kind, image, *objects, "--tls-authz", "a0", tls=pki.server)
+        for client in (_qemu_io, _our_io):
+            proc = client(pki.client, server.image_opts(), "read -P 0xab 0 4k")
+            if authz is not None and "someone-else" not in authz:
+                assert proc.returncode == 0, (kind, proc.stderr)
+            else:
+                assert proc.returncode == 1 and refused.match(_message(proc.stderr)), (kind, proc.stderr)
 
 
 def test_verify_peer_off_accepts_clients_without_certificate(

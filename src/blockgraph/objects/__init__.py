@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from blockgraph.objects.tls import TlsCredsX509
 
 __all__ = [
-    "OBJECT_TYPES", "TOOL_OBJECT_TYPES", "ObjectCreationError", "UserObject", "Secret", "ObjectRegistry", "add_object",
+    "OBJECT_TYPES", "TOOL_OBJECT_TYPES", "AuthzSimple", "ObjectCreationError", "UserObject", "Secret", "ObjectRegistry", "add_object",
     "parse_object", "object_help",
 ]
 
@@ -63,6 +63,16 @@ class UserObject:
 
 
 @dataclass
+class AuthzSimple(UserObject):
+    """``authz-simple``: exactly one identity (a TLS client's distinguished name) is allowed."""
+
+    identity: str = ""
+
+    def is_allowed(self, identity: str) -> bool:
+        return identity == self.identity
+
+
+@dataclass
 class Secret(UserObject):
     """``secret``: bytes given inline (``data``) or read from ``file``."""
 
@@ -88,9 +98,12 @@ _MEMBERS: dict[str, tuple[Member, ...]] = {
     "tls-creds-x509": (*_TLS_MEMBERS, ("sanity-check", "bool"), ("passwordid", "str")),
     "tls-creds-psk": (*_TLS_MEMBERS, ("username", "str")),
     "tls-creds-anon": _TLS_MEMBERS,
+    "authz-simple": (("identity", "str"),),
 }
 # The QOM type names ``--object TYPE,help`` shows for members that are not plain.
 _HELP_TYPES = {"str": "string", "bool": "bool", "endpoint": "QCryptoTLSCredsEndpoint"}
+# Members QEMU's schema makes mandatory, checked with the types.
+_REQUIRED: dict[str, tuple[str, ...]] = {"authz-simple": ("identity",)}
 
 
 def _check_members(members: Sequence[Member], props: dict[str, Any], keyval: bool) -> None:
@@ -157,6 +170,23 @@ class ObjectRegistry:
             raise BlockError(f"Expected TLS credentials for a {endpoint} endpoint")
         return found
 
+    def authorize(self, authz_id: str, identity: str | None) -> str | None:
+        """Why the TLS client ``identity`` (its distinguished name) is refused, or None.
+
+        The object is looked up for each client, as QEMU does: one added later counts, and an
+        id naming nothing refuses everyone.
+        """
+        found = self.objects.get(authz_id)
+        if found is None:
+            return f"Cannot find QAuthZ object ID {authz_id}"
+        if not isinstance(found, AuthzSimple):
+            # authz-list, authz-list-file and authz-pam are not evaluated: refuse rather than
+            # let everyone in.
+            return f"QAuthZ object '{authz_id}' of type '{found.qom_type}' is not supported by blockgraph"
+        if identity is None or not found.is_allowed(identity):
+            return f"TLS x509 authz check for {identity} is denied"
+        return None
+
     def remove(self, ident: str) -> None:
         self.objects.pop(ident, None)
 
@@ -179,7 +209,7 @@ def object_help(text: str, types: Sequence[str] = OBJECT_TYPES) -> list[str] | N
     if text in ("help", "?"):
         return ["List of user creatable objects:", *(f"  {t}" for t in types)]
     kind, _, rest = text.partition(",")
-    if rest in ("help", "?") and kind.startswith("tls-creds-") and kind in _MEMBERS:
+    if rest in ("help", "?") and kind in _MEMBERS and kind != "secret":
         members = sorted(_MEMBERS[kind])
         return [f"{kind} options:", *(f"  {name}=<{_HELP_TYPES[name if name == 'endpoint' else str(t)]}>"
                                       for name, t in members)]
@@ -212,6 +242,9 @@ def add_object(registry: ObjectRegistry, spec: str | Mapping[str, Any],
         raise BlockError("Invalid parameter type for 'id', expected: string")
     members = _MEMBERS.get(qom_type)
     if members is not None:
+        for name, _ in members:
+            if name in _REQUIRED.get(qom_type, ()) and name not in props:
+                raise BlockError(f"Parameter '{name}' is missing")
         _check_members(members, props, is_keyval)
     if not _ID_RE.match(ident):
         raise BlockError(f"Parameter 'id' expects an identifier\n{_ID_HINT}")
@@ -234,6 +267,8 @@ def add_object(registry: ObjectRegistry, spec: str | Mapping[str, Any],
             # Checked as QEMU does, though Python's ssl cannot use PSK credentials.
             check_psk_files(props)
             obj = UserObject(qom_type, ident)
+        elif qom_type == "authz-simple":
+            obj = AuthzSimple(qom_type, ident, str(props["identity"]))
         else:
             obj = UserObject(qom_type, ident)
     except ObjectCreationError:

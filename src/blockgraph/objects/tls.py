@@ -38,7 +38,7 @@ from blockgraph.objects import UserObject
 if TYPE_CHECKING:
     from blockgraph.objects import ObjectRegistry
 
-__all__ = ["TlsCredsX509", "check_psk_files", "verify_error_text"]
+__all__ = ["TlsCredsX509", "check_psk_files", "peer_distinguished_name", "verify_error_text"]
 
 CA_CERT = "ca-cert.pem"
 CA_CRL = "ca-crl.pem"
@@ -77,6 +77,38 @@ def check_psk_files(props: Mapping[str, Any]) -> None:
     _path(str(directory), PSK_KEYS, True)
     if props.get("endpoint") == "server":
         _path(str(directory), DH_PARAMS, False)
+
+
+# OpenSSL's attribute names as GnuTLS prints them in a distinguished name.
+_DN_NAMES = {
+    "countryName": "C", "stateOrProvinceName": "ST", "localityName": "L",
+    "organizationName": "O", "organizationalUnitName": "OU", "commonName": "CN",
+    "domainComponent": "DC", "userId": "UID", "emailAddress": "EMAIL",
+}
+
+
+def _dn_escape(value: str) -> str:
+    out = "".join("\\" + c if c in ',+"\\<>;' else c for c in value)
+    if out.startswith(("#", " ")):
+        out = "\\" + out
+    if out.endswith(" "):
+        out = out[:-1] + "\\ "
+    return out
+
+
+def peer_distinguished_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
+    """The verified peer certificate's subject as GnuTLS (and so QEMU's authz) writes it.
+
+    The RDNs in the certificate's order (not RFC 4514's reversed one): a subject made with
+    ``/C=GB/O=Example Org/CN=client`` is ``C=GB,O=Example Org,CN=client``.
+    """
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    if not cert:
+        return None
+    rdns = []
+    for rdn in cert.get("subject", ()):
+        rdns.append("+".join(f"{_DN_NAMES.get(name, name)}={_dn_escape(value)}" for name, value in rdn))
+    return ",".join(rdns)
 
 
 def _read(path: str) -> bytes:

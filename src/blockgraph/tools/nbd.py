@@ -238,8 +238,7 @@ def _parse(args: list[str]) -> tuple[_Settings, list[str]]:
             s.connect = value
         elif flag in ("-L", "--list"):
             s.list_mode = True
-        # -v, -T/--trace, -d and --selinux-label change nothing here; --tls-authz is checked
-        # for its pairing with --tls-creds only (no authz object authorises anything here).
+        # -v, -T/--trace, -d and --selinux-label change nothing here.
     return s, rest
 
 
@@ -444,7 +443,8 @@ def _listen(s: _Settings) -> socket.socket:
 async def _run_server(s: _Settings, export: NBDExport, listener: socket.socket) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    server = NBDServer([export], max_connections=s.shared, tls_creds=s.tls)
+    server = NBDServer([export], max_connections=s.shared, tls_creds=s.tls, tls_authz=s.tls_authz,
+                       objects=s.objects)
     if not s.persistent:
         server.on_idle = stop.set
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

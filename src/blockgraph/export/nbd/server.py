@@ -31,7 +31,8 @@ from blockgraph.errors import IOFailure
 from blockgraph.export.nbd import protocol as P
 from blockgraph.export.nbd.status import chain_status, extents
 from blockgraph.graph.node import BlockBackend, Node
-from blockgraph.objects.tls import TlsCredsX509
+from blockgraph.objects import ObjectRegistry
+from blockgraph.objects.tls import TlsCredsX509, peer_distinguished_name
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +73,18 @@ class NBDServer:
     :param max_connections: clients served at once (qemu-nbd ``-e``); 0 = no limit. Clients
         beyond it wait until a slot frees. Multi-conn is advertised unless it is 1, as QEMU does.
     :param tls_creds: server credentials: every client must start TLS first.
+    :param tls_authz: the id of a QAuthZ object in ``objects`` that must accept a TLS client's
+        distinguished name (looked up for each client, as QEMU does).
     """
 
     def __init__(self, exports: list[NBDExport], *, max_connections: int = 0,
-                 tls_creds: TlsCredsX509 | None = None) -> None:
+                 tls_creds: TlsCredsX509 | None = None, tls_authz: str | None = None,
+                 objects: ObjectRegistry | None = None) -> None:
         self.exports = {e.name: e for e in exports}
         self.max_connections = max_connections
         self.tls_creds = tls_creds
+        self.tls_authz = tls_authz
+        self.objects = objects if objects is not None else ObjectRegistry()
         self._slots = asyncio.Semaphore(max_connections) if max_connections > 0 else None
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[asyncio.Task[None]] = set()
@@ -270,11 +276,16 @@ class _Client:
             self.broken = True
             self.log.warning("Disconnect client, due to: TLS handshake failed: %s", exc)
             return False
-        if creds.peer_certificate_missing(self.writer.get_extra_info("ssl_object")):
+        ssl_object = self.writer.get_extra_info("ssl_object")
+        refusal = "No certificate peer" if creds.peer_certificate_missing(ssl_object) else None
+        if refusal is None and self.server.tls_authz is not None:
+            refusal = self.server.objects.authorize(self.server.tls_authz,
+                                                    peer_distinguished_name(ssl_object))
+        if refusal is not None:
             # As QEMU: the socket just closes, without a TLS alert.
             self.broken = True
             self.writer.transport.abort()
-            self.log.warning("Disconnect client, due to: No certificate peer")
+            self.log.warning("Disconnect client, due to: %s", refusal)
             return False
         self.conn.tls_established()
         return True

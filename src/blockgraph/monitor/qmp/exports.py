@@ -234,7 +234,9 @@ async def _start(mon: QMPMonitor, kind: str, data: Mapping[str, Any], args: Mapp
             raise
     max_connections = args.get("max-connections", 0)
     assert isinstance(max_connections, int)
-    server = NBDServer([], max_connections=max_connections, tls_creds=creds)
+    authz = args.get("tls-authz")
+    server = NBDServer([], max_connections=max_connections, tls_creds=creds,
+                       tls_authz=None if authz is None else str(authz), objects=mon.layer.objects)
     await server.listen_socket(sock)
     st.server = server
 
