@@ -105,9 +105,11 @@ def peer_distinguished_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) ->
     cert = ssl_object.getpeercert() if ssl_object is not None else None
     if not cert:
         return None
+    subject: Any = cert.get("subject", ())  # ((("commonName", "client"),), ...)
     rdns = []
-    for rdn in cert.get("subject", ()):
-        rdns.append("+".join(f"{_DN_NAMES.get(name, name)}={_dn_escape(value)}" for name, value in rdn))
+    for rdn in subject:
+        rdns.append("+".join(f"{_DN_NAMES.get(str(name), str(name))}={_dn_escape(str(value))}"
+                             for name, value in rdn))
     return ",".join(rdns)
 
 
