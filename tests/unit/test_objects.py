@@ -133,3 +133,18 @@ def test_object_help() -> None:
         "tls-creds-x509 options:", "  dir=<string>", "  endpoint=<QCryptoTLSCredsEndpoint>",
         "  passwordid=<string>", "  priority=<string>", "  sanity-check=<bool>", "  verify-peer=<bool>"]
     assert object_help("secret,id=s0,data=x") is None
+
+
+def test_authz_simple() -> None:
+    assert _error("authz-simple,id=a0") == "Parameter 'identity' is missing"
+    assert _error("authz-simple,id=a0,identity=x,bogus=1") == "Parameter 'bogus' is unexpected"
+    registry = ObjectRegistry()
+    add_object(registry, "authz-simple,id=a0,identity=C=GB,,CN=client")
+    add_object(registry, "authz-list,id=l0")
+    assert registry.authorize("a0", "C=GB,CN=client") is None
+    assert registry.authorize("a0", "CN=client") == "TLS x509 authz check for CN=client is denied"
+    assert registry.authorize("a0", None) == "TLS x509 authz check for None is denied"
+    assert registry.authorize("zz", "CN=client") == "Cannot find QAuthZ object ID zz"
+    # An authz type that is not evaluated refuses everyone.
+    assert registry.authorize("l0", "C=GB,CN=client") is not None
+    assert object_help("authz-simple,help") == ["authz-simple options:", "  identity=<string>"]
