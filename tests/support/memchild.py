@@ -24,6 +24,7 @@ from blockgraph.drivers.base import (
     RequestFlags,
 )
 from blockgraph.errors import BlockError, IOFailure
+from blockgraph.objects import ObjectRegistry
 
 
 class MemChild:
@@ -204,6 +205,7 @@ class FakeOpenContext:
     flags: NodeFlags = field(default_factory=NodeFlags)
     child_options: set[str] = field(default_factory=set)
     requests: list[dict[str, Any]] = field(default_factory=list)
+    objects: ObjectRegistry = field(default_factory=ObjectRegistry)
 
     async def open_child(
         self,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
 from blockgraph.errors import ENOTSUP, BlockError, IOFailure
+from blockgraph.objects import ObjectRegistry
 from blockgraph.options.schema import OptionSpec
 
 # QEMU's BDRV_MAX_LENGTH: no request may reach past this byte (INT64_MAX rounded down to the
@@ -148,6 +149,11 @@ class OpenContext(Protocol):
 
     @property
     def flags(self) -> NodeFlags: ...
+
+    @property
+    def objects(self) -> ObjectRegistry:
+        """The user-creatable objects (``--object``) a driver may refer to by id."""
+        ...
 
     async def open_child(
         self,

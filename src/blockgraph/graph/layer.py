@@ -25,6 +25,7 @@ from blockgraph.drivers.registry import find_protocol, get_driver, probe_format
 from blockgraph.errors import BlockError, DeviceNotFound, OptionError
 from blockgraph.graph.inherit import AIO_FLAG, child_is_protocol, inherit_options
 from blockgraph.graph.node import BlockBackend, Child, Node
+from blockgraph.objects import ObjectRegistry
 from blockgraph.options.keyval import extract_subdict, parse_json_filename
 from blockgraph.options.schema import OptionSpec, OptType, convert_option, opt
 
@@ -80,6 +81,10 @@ class _Opener:
     @property
     def flags(self) -> NodeFlags:
         return self.node.flags
+
+    @property
+    def objects(self) -> ObjectRegistry:
+        return self.layer.objects
 
     def has_child_options(self, name: str) -> bool:
         prefix = name + "."
@@ -140,6 +145,7 @@ class BlockLayer:
 
     def __init__(self) -> None:
         self.nodes: list[Node] = []  # in the order they were named
+        self.objects = ObjectRegistry()  # --object / object-add: secrets, TLS credentials
         self.backends: list[BlockBackend] = []
         self._auto_counter = 0
         self.drive_counts: dict[str, int] = {}  # -drive's per-interface index

@@ -14,6 +14,7 @@ import sys
 from blockgraph.errors import BlockError, OptionError
 from blockgraph.graph.layer import BlockLayer
 from blockgraph.monitor.qemuio import OpenSpec, QemuIO
+from blockgraph.objects import TOOL_OBJECT_TYPES, ObjectRegistry, add_object, object_help
 from blockgraph.options.cache import parse_cache_mode
 from blockgraph.options.keyval import parse_drive_opts
 
@@ -84,8 +85,20 @@ def main(prog: str, args: list[str]) -> int:
     commands: list[str] = []
     spec = OpenSpec(None, {})
     image_opts = False
+    objects = ObjectRegistry()
     for flag, value in opts:
-        if flag in ("-c", "--cmd"):
+        if flag == "--object":
+            # Objects are made as the option is met, as qemu-io does: a bad one ends the run.
+            lines = object_help(value, TOOL_OBJECT_TYPES)
+            if lines is not None:
+                sys.stdout.write("".join(line + "\n" for line in lines))
+                return 0
+            try:
+                add_object(objects, value, TOOL_OBJECT_TYPES)
+            except BlockError as exc:
+                sys.stderr.write(f"{prog}: {exc}\n")
+                return 1
+        elif flag in ("-c", "--cmd"):
             commands.append(value)
         elif flag in ("-f", "--format"):
             spec.fmt = value
@@ -124,7 +137,7 @@ def main(prog: str, args: list[str]) -> int:
         elif flag in ("-V", "--version"):
             sys.stdout.write(_VERSION)
             return 0
-        # -C (copy-on-read), -m (misalign), -T (trace), -q, --object: accepted, no effect here.
+        # -C (copy-on-read), -m (misalign), -T (trace), -q: accepted, no effect here.
     if len(rest) > 1:
         sys.stdout.write(_USAGE.format(prog=prog))
         return 1
@@ -146,6 +159,7 @@ def main(prog: str, args: list[str]) -> int:
         sys.stderr.flush()
 
     layer = BlockLayer()
+    layer.objects = objects
     engine = QemuIO(None, out, err, raw_err=raw_err, standalone=True, layer=layer)
 
     def warnings() -> None:

@@ -22,6 +22,8 @@ from blockgraph.export.nbd.protocol import MAX_STRING_SIZE
 from blockgraph.export.nbd.server import NBDExport, NBDServer, unix_listener
 from blockgraph.graph.inherit import AIO_FLAG
 from blockgraph.graph.layer import BlockLayer
+from blockgraph.objects import ObjectRegistry, add_object, object_help
+from blockgraph.objects.tls import TlsCredsX509
 from blockgraph.options.cache import parse_cache_mode
 from blockgraph.options.keyval import parse_drive_opts
 
@@ -31,11 +33,8 @@ _LONG = [
     "snapshot", "bitmap=", "load-snapshot=", "nocache", "cache=", "aio=", "discard=", "connect=",
     "disconnect", "shared=", "format=", "persistent", "verbose", "export-name=", "description=",
     "detect-zeroes=", "image-opts", "trace=", "fork", "pid-file=", "object=", "tls-creds=",
-    "tls-authz=", "list", "selinux-label=",
+    "tls-authz=", "tls-hostname=", "list", "selinux-label=",
 ]
-_TRIVIAL_OBJECTS = ("secret", "iothread", "throttle-group", "authz-simple", "authz-list",
-                    "authz-listfile", "authz-pam", "tls-creds-x509", "tls-creds-psk",
-                    "tls-creds-anon", "memory-backend-ram", "memory-backend-file")
 _HELP = """\
 Usage: qemu-nbd [OPTIONS] FILE
   or:  qemu-nbd -L [OPTIONS]
@@ -112,6 +111,10 @@ class _Settings:
     pid_file: str | None = None
     image_opts: bool = False
     tls_creds: str | None = None
+    tls_authz: str | None = None
+    tls_hostname: str | None = None
+    tls: TlsCredsX509 | None = None
+    objects: ObjectRegistry = field(default_factory=ObjectRegistry)
     offset: int | None = None
     connect: str | None = None
     list_mode: bool = False
@@ -216,23 +219,27 @@ def _parse(args: list[str]) -> tuple[_Settings, list[str]]:
         elif flag == "--image-opts":
             s.image_opts = True
         elif flag == "--object":
-            _check_object(value)
+            # Made as the option is met, as qemu-nbd does: a bad object ends the run here.
+            lines = object_help(value)
+            if lines is not None:
+                sys.stdout.write("".join(line + "\n" for line in lines))
+                raise _Exit(None, 0)
+            try:
+                add_object(s.objects, value)
+            except BlockError as exc:
+                raise _Exit(str(exc)) from None
         elif flag == "--tls-creds":
             s.tls_creds = value
+        elif flag == "--tls-authz":
+            s.tls_authz = value
+        elif flag == "--tls-hostname":
+            s.tls_hostname = value
         elif flag in ("-c", "--connect"):
             s.connect = value
         elif flag in ("-L", "--list"):
             s.list_mode = True
-        # -v, -T/--trace, -d, --tls-authz and --selinux-label change nothing here.
+        # -v, -T/--trace, -d and --selinux-label change nothing here.
     return s, rest
-
-
-def _check_object(value: str) -> None:
-    opts = parse_drive_opts(value) if "=" in value.split(",")[0] else {
-        "qom-type": value.split(",")[0], **parse_drive_opts(",".join(value.split(",")[1:]))}
-    qom_type = opts.get("qom-type", "")
-    if qom_type not in _TRIVIAL_OBJECTS:
-        raise _Exit(f"Parameter 'qom-type' does not accept value '{qom_type}'")
 
 
 def main(prog: str, args: list[str]) -> int:
@@ -254,10 +261,22 @@ def _main(prog: str, args: list[str]) -> int:
     if len(rest) != 1:
         sys.stderr.write(f"{prog}: Invalid number of arguments\nTry `qemu-nbd --help' for more information.\n")
         return 1
+    if s.tls_creds is not None:
+        if s.connect is not None:
+            raise _Exit("TLS is not supported with a host device")
+        if s.tls_hostname is not None and not s.list_mode:
+            raise _Exit("TLS hostname is only supported with export list")
+        try:
+            s.tls = s.objects.tls_creds(s.tls_creds, "server")
+        except BlockError as exc:
+            raise _Exit(f"Failed to get TLS creds: {exc}") from None
+    else:
+        if s.tls_authz is not None:
+            raise _Exit("--tls-authz is not permitted without --tls-creds")
+        if s.tls_hostname is not None:
+            raise _Exit("--tls-hostname is not permitted without --tls-creds")
     if s.connect is not None:
         raise _Exit(f"Failed to open {s.connect}: the kernel NBD client is not supported")
-    if s.tls_creds is not None:
-        raise _Exit(f"Failed to get TLS creds: No TLS credentials with id '{s.tls_creds}'")
     if s.image_opts and s.fmt is not None:
         raise _Exit("--image-opts and -f are mutually exclusive")
     if not s.fork:
@@ -304,6 +323,7 @@ def _serve(prog: str, s: _Settings, filename: str, ready_fd: int | None) -> int:
         saved_stderr = os.dup(2)
         os.dup2(ready_fd, 2)
     layer = BlockLayer()
+    layer.objects = s.objects
     listener: socket.socket | None = None
     try:
         try:
@@ -423,7 +443,8 @@ def _listen(s: _Settings) -> socket.socket:
 async def _run_server(s: _Settings, export: NBDExport, listener: socket.socket) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    server = NBDServer([export], max_connections=s.shared)
+    server = NBDServer([export], max_connections=s.shared, tls_creds=s.tls, tls_authz=s.tls_authz,
+                       objects=s.objects)
     if not s.persistent:
         server.on_idle = stop.set
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

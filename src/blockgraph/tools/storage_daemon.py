@@ -2,7 +2,8 @@
 
 Options are processed in order, as QEMU does: ``--blockdev`` opens nodes (owned by the
 monitor), ``--chardev socket,path=P,server=on,wait=off,id=X`` and ``--monitor chardev=X`` serve
-QMP on a unix socket, ``--object secret,...`` is accepted, ``--pidfile`` is written once
+QMP on a unix socket, ``--object`` makes secrets and TLS credentials (other object types only
+take their id), ``--pidfile`` is written once
 everything listens (the "started" signal), ``--daemonize`` returns in the parent only after
 that. ``quit`` or SIGINT/SIGTERM/SIGHUP end the daemon, removing the pid file and the sockets.
 """
@@ -22,6 +23,7 @@ from blockgraph.graph.layer import BlockLayer
 from blockgraph.monitor.qmp import exports
 from blockgraph.monitor.qmp.commands import DRIVERS, QMPMonitor, check_blockdev_options
 from blockgraph.monitor.qmp.server import QMPServer
+from blockgraph.objects import add_object, object_help
 from blockgraph.options.keyval import crumple, parse_blockdev, parse_keyval
 from blockgraph.options.qjson import parse_json
 from blockgraph.version import QEMU_VERSION_STRING
@@ -72,11 +74,6 @@ QEMU storage daemon
   --pidfile <path>       write process ID to a file after startup
 
 """
-
-_OBJECT_TYPES = ("authz-list", "authz-list-file", "authz-simple", "iothread", "main-loop",
-                 "pr-manager-helper", "secret", "secret_keyring", "thread-context",
-                 "throttle-group", "tls-cipher-suites", "tls-creds-anon", "tls-creds-psk",
-                 "tls-creds-x509")
 
 # long option -> takes an argument
 _LONG = {"help": False, "version": False, "trace": True, "blockdev": True, "chardev": True,
@@ -309,21 +306,12 @@ class _Daemon:
                 raise _Fail(f"Failed to bind socket to {chardev.path}: {exc.strerror}") from exc
 
     def _object(self, value: str) -> None:
-        if value in ("help", "?"):
-            self._print("List of user creatable objects:")
-            for name in _OBJECT_TYPES:
-                self._print(f"  {name}")
+        lines = object_help(value)
+        if lines is not None:
+            for line in lines:
+                self._print(line)
             raise SystemExit(0)
-        opts = parse_keyval(value, implied_key="qom-type")
-        qom_type = opts.get("qom-type")
-        if qom_type is None:
-            raise _Fail("Parameter 'qom-type' is missing")
-        if qom_type not in _OBJECT_TYPES:
-            raise _Fail(f"Parameter 'qom-type' does not accept value '{qom_type}'")
-        if "id" not in opts:
-            raise _Fail("Parameter 'id' is missing")
-        if qom_type == "secret" and "data" not in opts and "file" not in opts:
-            raise _Fail("Either 'file' or 'data' must be provided")
+        add_object(self.layer.objects, value)
 
     # -- pid file ---------------------------------------------------------------------------
 

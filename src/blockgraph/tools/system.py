@@ -18,12 +18,13 @@ from blockgraph.graph.layer import BlockLayer
 from blockgraph.monitor.hmp import HMP
 from blockgraph.monitor.qmp.commands import QMPMonitor
 from blockgraph.monitor.qmp.server import QMPServer
+from blockgraph.objects import ObjectCreationError, add_object
 from blockgraph.options.keyval import parse_blockdev, parse_drive_opts
 from blockgraph.version import QEMU_VERSION_STRING
 
 # Options taking an argument that have no effect without a guest.
 _IGNORED_WITH_ARG = {"machine", "M", "accel", "display", "m", "smp", "cpu", "name", "serial",
-                     "parallel", "vga", "boot", "rtc", "chardev", "device", "object", "global",
+                     "parallel", "vga", "boot", "rtc", "chardev", "device", "global",
                      "L", "bios", "kernel", "initrd", "append", "netdev", "net", "audiodev"}
 _IGNORED_FLAGS = {"nodefaults", "nographic", "S", "no-shutdown", "no-reboot", "enable-kvm",
                   "snapshot", "daemonize"}
@@ -40,6 +41,7 @@ def main(prog: str, args: list[str]) -> int:
     blockdevs: list[str] = []
     monitors: list[str] = []
     qmps: list[str] = []
+    objects: list[str] = []
     i = 0
     while i < len(args):
         arg = args[i]
@@ -52,7 +54,7 @@ def main(prog: str, args: list[str]) -> int:
         if name in _IGNORED_FLAGS:
             i += 1
             continue
-        if name in ("drive", "blockdev", "monitor", "qmp") or name in _IGNORED_WITH_ARG:
+        if name in ("drive", "blockdev", "monitor", "qmp", "object") or name in _IGNORED_WITH_ARG:
             if i + 1 >= len(args):
                 sys.stderr.write(f"{prog}: {arg}: requires an argument\n")
                 return 1
@@ -65,6 +67,8 @@ def main(prog: str, args: list[str]) -> int:
                 monitors.append(value)
             elif name == "qmp":
                 qmps.append(value)
+            elif name == "object":
+                objects.append(value)
             i += 2
             continue
         if name in ("version", "h", "help"):
@@ -79,6 +83,17 @@ def main(prog: str, args: list[str]) -> int:
         sys.stderr.write(f"{prog}: {option} {value}: {message}\n")
         return 1
 
+    for value in objects:
+        # Secrets and TLS credentials exist before any block device, as in QEMU.
+        try:
+            add_object(layer.objects, value)
+        except ObjectCreationError as exc:
+            sys.stderr.write(f"{prog}: {exc}\n")
+            layer.close()
+            return 1
+        except BlockError as exc:
+            layer.close()
+            return fail("-object", value, str(exc))
     for value in blockdevs:
         try:
             options = parse_blockdev(value)

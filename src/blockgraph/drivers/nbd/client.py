@@ -6,7 +6,10 @@ Rules of this module:
   :data:`TRANSITIONS`; the caller owns the socket and feeds :meth:`ClientConnection.receive_data`
   (``b""`` is EOF), takes events from :meth:`ClientConnection.next_event` and writes what
   :meth:`ClientConnection.data_to_send` returns.
-* The handshake is fixed newstyle only, one option at a time: ``NBD_OPT_STRUCTURED_REPLY``, then
+* The handshake is fixed newstyle only, one option at a time. With ``tls``, ``NBD_OPT_STARTTLS``
+  comes first: once the server accepts it, :class:`StartTLS` asks the caller to run the TLS
+  handshake on its socket and to call :meth:`ClientConnection.tls_established`, after which the
+  bytes fed and taken are the decrypted stream. Then ``NBD_OPT_STRUCTURED_REPLY``, then
   ``NBD_OPT_SET_META_CONTEXT`` for the wanted contexts (only with structured replies), then
   ``NBD_OPT_GO`` asking for ``NBD_INFO_BLOCK_SIZE`` (``NBD_OPT_EXPORT_NAME`` if the server does not
   know ``GO``). It ends in :class:`HandshakeDone` or :class:`ConnectionFailed`.
@@ -53,6 +56,27 @@ def nbd_to_errno(error: int) -> int:
     return _NBD_TO_ERRNO.get(error, _errno.EINVAL)
 
 
+def reply_error_text(option: int, reply: int, message: str = "") -> str:
+    """QEMU's text for an error reply to ``option``, with its hints on further lines."""
+    which = f"option {option} ({W.option_name(option)})"
+    texts = {
+        W.REP_ERR_UNSUP: f"Unsupported {which}",
+        W.REP_ERR_POLICY: f"Denied by server for {which}",
+        W.REP_ERR_INVALID: f"Invalid parameters for {which}",
+        W.REP_ERR_PLATFORM: f"Server lacks support for {which}",
+        W.REP_ERR_TLS_REQD: f"TLS negotiation required before {which}\n"
+                            "Did you forget a valid tls-creds?",
+        W.REP_ERR_UNKNOWN: "Requested export not available",
+        W.REP_ERR_SHUTDOWN: f"Server shutting down before {which}",
+        W.REP_ERR_BLOCK_SIZE_REQD: f"Server requires INFO_BLOCK_SIZE for {which}",
+        W.REP_ERR_TOO_BIG: f"{which} payload is too long",
+    }
+    text = texts.get(reply, f"Unknown error code when asking for {which}")
+    if message:
+        text += f"\nserver reported: {message}"
+    return text
+
+
 class Phase(enum.Enum):
     GREETING = "greeting"
     OPTIONS = "options"
@@ -94,6 +118,11 @@ class HandshakeDone:
 
 
 @dataclass(frozen=True)
+class StartTLS:
+    """The server accepted STARTTLS: hand the socket to TLS, then call ``tls_established``."""
+
+
+@dataclass(frozen=True)
 class ConnectionFailed:
     """The connection is unusable; ``message`` is QEMU's text for why."""
 
@@ -130,7 +159,7 @@ class RequestDone:
     message: str = ""
 
 
-Event = HandshakeDone | ConnectionFailed | ReadData | ReadHole | Extents | RequestDone
+Event = HandshakeDone | StartTLS | ConnectionFailed | ReadData | ReadHole | Extents | RequestDone
 
 
 @dataclass
@@ -143,6 +172,8 @@ class _InFlight:
 
 
 class _Step(enum.Enum):
+    STARTTLS = "starttls"
+    TLS_HANDSHAKE = "tls-handshake"  # the caller's turn: no bytes are parsed
     STRUCTURED = "structured"
     META = "meta"
     GO = "go"
@@ -154,11 +185,13 @@ class ClientConnection:
 
     :param export: the export name to ask for.
     :param contexts: meta contexts to negotiate (``base:allocation``, a dirty bitmap).
+    :param tls: start TLS before any other option.
     """
 
-    def __init__(self, export: str = "", contexts: Sequence[str] = ()) -> None:
+    def __init__(self, export: str = "", contexts: Sequence[str] = (), tls: bool = False) -> None:
         self.export = export
         self.wanted_contexts = tuple(contexts)
+        self.tls = tls
         self.phase = Phase.GREETING
         self._in = bytearray()
         self._out: list[bytes] = []
@@ -215,7 +248,7 @@ class ClientConnection:
         while True:
             if self._events:
                 return self._events.pop(0)
-            if self.phase is Phase.CLOSED:
+            if self.phase is Phase.CLOSED or self._step is _Step.TLS_HANDSHAKE:
                 return None
             before = len(self._in)
             if self.phase is Phase.GREETING:
@@ -254,8 +287,22 @@ class ClientConnection:
         client_flags = W.FLAG_C_FIXED_NEWSTYLE | (W.FLAG_C_NO_ZEROES if self._no_zeroes else 0)
         self._out.append(_U32.pack(client_flags))
         self._move(Phase.OPTIONS)
-        self._send_option(W.OPT_STRUCTURED_REPLY)
+        if self.tls:
+            self._step = _Step.STARTTLS
+            self._send_option(W.OPT_STARTTLS)
+        else:
+            self._send_option(W.OPT_STRUCTURED_REPLY)
         return None
+
+    def tls_established(self) -> None:
+        """The TLS handshake succeeded: negotiation goes on, inside TLS.
+
+        :raise LocalProtocolError: when no TLS handshake was due.
+        """
+        if self._step is not _Step.TLS_HANDSHAKE or self.phase is not Phase.OPTIONS:
+            raise LocalProtocolError("no TLS handshake is pending")
+        self._step = _Step.STRUCTURED
+        self._send_option(W.OPT_STRUCTURED_REPLY)
 
     def _send_option(self, option: int, data: bytes = b"") -> None:
         self._out.append(struct.pack(">QII", W.IHAVEOPT, option, len(data)) + data)
@@ -298,12 +345,21 @@ class ClientConnection:
             return None
         del self._in[: _OPTION_REPLY.size]
         data = self._take(length) or b""
-        expected = {_Step.STRUCTURED: W.OPT_STRUCTURED_REPLY, _Step.META: W.OPT_SET_META_CONTEXT,
-                    _Step.GO: W.OPT_GO}[self._step]
+        expected = {_Step.STARTTLS: W.OPT_STARTTLS, _Step.STRUCTURED: W.OPT_STRUCTURED_REPLY,
+                    _Step.META: W.OPT_SET_META_CONTEXT, _Step.GO: W.OPT_GO}[self._step]
         if option != expected:
             return self._fail(f"Unexpected option type {option}, expected {expected}")
         if reply & (1 << 31):
-            return self._option_error(reply, data)
+            return self._option_error(option, reply, data)
+        if self._step is _Step.STARTTLS:
+            if reply != W.REP_ACK:
+                return self._fail(f"Server rejected request to start TLS {reply:x}")
+            if self._in:
+                # Whatever follows the ACK must be the server's TLS handshake, which cannot
+                # start before the client's.
+                return self._fail("Unexpected data after the reply to starttls")
+            self._step = _Step.TLS_HANDSHAKE
+            return StartTLS()
         if self._step is _Step.STRUCTURED:
             if reply != W.REP_ACK:
                 return self._fail(f"Unexpected reply type {reply} to structured reply")
@@ -353,7 +409,7 @@ class ClientConnection:
             self._blocks = (minimum, preferred, maximum)
         return None
 
-    def _option_error(self, reply: int, data: bytes) -> Event | None:
+    def _option_error(self, option: int, reply: int, data: bytes) -> Event | None:
         message = data.decode(errors="replace")
         if self._step is _Step.STRUCTURED:
             self._send_meta_or_go()  # unstructured replies, and no meta contexts
@@ -361,22 +417,13 @@ class ClientConnection:
         if self._step is _Step.META:
             self._send_go()
             return None
-        if reply == W.REP_ERR_UNSUP:
+        if reply == W.REP_ERR_UNSUP and self._step is _Step.GO:
             # An old server: the export name option still works, without block sizes.
             self._step = _Step.EXPORT_NAME
             self._out.append(struct.pack(">QII", W.IHAVEOPT, W.OPT_EXPORT_NAME,
                                          len(self.export.encode())) + self.export.encode())
             return None
-        texts = {
-            W.REP_ERR_UNKNOWN: "Requested export not available",
-            W.REP_ERR_POLICY: "Denied by server for go",
-            W.REP_ERR_TLS_REQD: "TLS negotiation required before option go",
-            W.REP_ERR_SHUTDOWN: "Server shutting down before option go",
-        }
-        text = texts.get(reply, f"Option go failed with error {reply & 0x7FFFFFFF}")
-        if message:
-            text += f"\nserver reported: {message}"
-        return self._fail(text)
+        return self._fail(reply_error_text(option, reply, message))
 
     def _finish_handshake(self) -> Event:
         minimum = self._blocks[0]

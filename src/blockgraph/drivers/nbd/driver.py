@@ -4,6 +4,10 @@ One connection carries every request; each waits on its own cookie, so several a
 at once. When the connection drops, requests wait up to ``reconnect-delay`` seconds for a new
 one (and are sent again on it); after that, or with no delay, they fail with EIO and each new
 request makes one attempt to reconnect.
+
+With ``tls-creds`` (a ``tls-creds-x509`` object for the client endpoint) every connection starts
+TLS before any other option; the server's certificate is checked against ``tls-hostname``, or
+the TCP host when that is not given, as QEMU does.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import ssl
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,8 +39,10 @@ from blockgraph.drivers.nbd.client import (
     ReadData,
     ReadHole,
     RequestDone,
+    StartTLS,
 )
 from blockgraph.errors import BlockError, IOFailure, OptionError
+from blockgraph.objects.tls import TlsCredsX509, verify_error_text
 from blockgraph.options.schema import OptionSpec, OptType, opt
 
 DEFAULT_PORT = 10809
@@ -128,6 +135,9 @@ class NbdDriver(BlockDriver):
         self.request_alignment = 1
         self.max_transfer = W.MAX_BUFFER_SIZE
         self.export_info = ExportInfo(0, 0, False)
+        self.tls: TlsCredsX509 | None = None
+        self.tls_creds_id: str | None = None
+        self.tls_hostname: str | None = None
         self._conn: ClientConnection | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -202,10 +212,13 @@ class NbdDriver(BlockDriver):
             self.host, self.port = str(options["server.host"]), str(options["server.port"])
         creds = options.get("tls-creds")
         if creds is not None:
-            # No TLS object can exist here, so QEMU's lookup of the credentials fails.
-            raise BlockError(f"No TLS credentials with id '{creds}'")
-        if options.get("tls-hostname") is not None:
-            raise BlockError("tls-hostname is set but tls-creds is not")
+            self.tls_creds_id = str(creds)
+            self.tls = ctx.objects.tls_creds(self.tls_creds_id, "client")
+            # QEMU 7.2 ignores tls-hostname without tls-creds; with them, a TCP host is the default.
+            hostname = options.get("tls-hostname")
+            if hostname is None and self.server_type == "inet":
+                hostname = self.host
+            self.tls_hostname = None if hostname is None else str(hostname)
         export = options.get("export")
         self.export = None if export is None else str(export)
         bitmap = options.get("x-dirty-bitmap")
@@ -247,7 +260,7 @@ class NbdDriver(BlockDriver):
             raise BlockError(f"Failed to connect to '{self._describe()}': {text}") from exc
         except ValueError as exc:
             raise BlockError(f"error parsing address '{self._describe()}'") from exc
-        conn = ClientConnection(self.export or "", [self.context])
+        conn = ClientConnection(self.export or "", [self.context], tls=self.tls is not None)
         try:
             info = await self._handshake(conn, reader, writer)
         except BaseException:
@@ -271,21 +284,48 @@ class NbdDriver(BlockDriver):
 
     async def _handshake(self, conn: ClientConnection, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> ExportInfo:
+        # True from the TLS handshake until the server's first byte inside TLS.
+        tls_unanswered = False
         while True:
             event = conn.next_event()
             if isinstance(event, HandshakeDone):
                 return event.info
             if isinstance(event, ConnectionFailed):
                 raise BlockError(event.message)
+            if isinstance(event, StartTLS):
+                await self._start_tls(writer)
+                conn.tls_established()
+                tls_unanswered = True
+                continue
             try:
                 out = conn.data_to_send()
                 if out:
                     writer.write(out)
                     await writer.drain()
                 data = await reader.read(65536)
-            except OSError:
+            except OSError:  # ssl.SSLError included: a TLS alert ends the connection too
                 data = b""
+            if tls_unanswered and not data:
+                # The server hung up right after the TLS handshake: with TLS 1.3 that is how
+                # it refuses a missing or unwanted client certificate. GnuTLS notices it on
+                # its next write, so QEMU words it that way.
+                raise BlockError("Failed to send option request header: Cannot write to TLS "
+                                 "channel: Input/output error")
+            tls_unanswered = False
             conn.receive_data(data)
+
+    async def _start_tls(self, writer: asyncio.StreamWriter) -> None:
+        """Run the TLS handshake on the connection; BlockError with QEMU's text if it fails."""
+        creds = self.tls
+        assert creds is not None
+        if creds.verify_peer and self.tls_hostname is None:
+            raise BlockError("No hostname for certificate validation")
+        try:
+            await writer.start_tls(creds.context, server_hostname=self.tls_hostname)
+        except ssl.SSLCertVerificationError as exc:
+            raise BlockError(verify_error_text(exc, self.tls_hostname)) from exc
+        except (ssl.SSLError, OSError) as exc:
+            raise BlockError(f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}") from exc
 
     async def _read_loop(self, conn: ClientConnection, reader: asyncio.StreamReader) -> None:
         try:
@@ -499,4 +539,6 @@ class NbdDriver(BlockDriver):
         result: dict[str, object] = {"server": server}
         if self.export is not None:
             result["export"] = self.export
+        if self.tls_creds_id is not None:
+            result["tls-creds"] = self.tls_creds_id
         return result

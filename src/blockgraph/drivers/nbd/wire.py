@@ -131,3 +131,20 @@ META_ID_BASE_ALLOCATION = 0
 META_ID_ALLOCATION_DEPTH = 1
 CONTEXT_BASE_ALLOCATION = "base:allocation"
 CONTEXT_ALLOCATION_DEPTH = "qemu:allocation-depth"
+
+# QEMU's nbd_opt_lookup names, used in its error texts (client and server alike).
+OPTION_NAMES: dict[int, str] = {
+    OPT_EXPORT_NAME: "export name",
+    OPT_ABORT: "abort",
+    OPT_LIST: "list",
+    OPT_STARTTLS: "starttls",
+    OPT_INFO: "info",
+    OPT_GO: "go",
+    OPT_STRUCTURED_REPLY: "structured reply",
+    OPT_LIST_META_CONTEXT: "list meta context",
+    OPT_SET_META_CONTEXT: "set meta context",
+}
+
+
+def option_name(option: int) -> str:
+    return OPTION_NAMES.get(option, "<unknown>")

@@ -36,6 +36,7 @@ from blockgraph.drivers.qcow2.header import (
 )
 from blockgraph.drivers.qcow2.refcount import set_refcount_entry
 from blockgraph.errors import BlockError
+from blockgraph.objects import ObjectRegistry
 
 _COMPAT_VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 _PREALLOC_MODES = ("off", "metadata", "falloc", "full")
@@ -132,6 +133,10 @@ class _CreateContext:
     @property
     def flags(self) -> NodeFlags:
         return self._flags
+
+    @property
+    def objects(self) -> ObjectRegistry:
+        return ObjectRegistry()  # a fresh image refers to no object
 
     async def open_child(self, name: str, role: ChildRole, *, filename: str | None = None,
                          driver: str | None = None, allow_none: bool = False,

@@ -15,6 +15,12 @@ Rules of this module:
   are answered here with QEMU 7.2's errors and never reach the caller; valid ones come out as
   :class:`Request` events, and the caller answers each cookie once through the ``reply_*``
   methods, in any order.
+* TLS (``tls=True``: the server has credentials) is required before anything else, as qemu-nbd
+  does: other options get ``REP_ERR_TLS_REQD`` (``EXPORT_NAME``, which cannot carry an error,
+  and a client without fixed newstyle are dropped; ``ABORT`` is refused and then ends the
+  connection). ``STARTTLS`` is acknowledged and yields :class:`StartTLS`: the caller runs the
+  handshake on its socket and calls :meth:`ServerConnection.tls_established`; until then no
+  byte is parsed, and from then on the bytes fed and taken are the decrypted stream.
 * Traffic that breaks the protocol ends the connection: a :class:`ConnectionClosed` event
   carrying QEMU's message, after any reply QEMU gives in that case. Nothing raises out of
   ``next_event`` for bad peer input; :class:`LocalProtocolError` is for a caller's misuse.
@@ -40,18 +46,7 @@ STATE_DIRTY = 1 << 0
 META_ID_DIRTY_BITMAP = 2
 CONTEXT_DIRTY_BITMAP = "qemu:dirty-bitmap:"
 
-# QEMU's nbd_opt_lookup / nbd_cmd_lookup names, used in its error texts.
-OPTION_NAMES: dict[int, str] = {
-    OPT_EXPORT_NAME: "export name",
-    OPT_ABORT: "abort",
-    OPT_LIST: "list",
-    OPT_STARTTLS: "starttls",
-    OPT_INFO: "info",
-    OPT_GO: "go",
-    OPT_STRUCTURED_REPLY: "structured reply",
-    OPT_LIST_META_CONTEXT: "list meta context",
-    OPT_SET_META_CONTEXT: "set meta context",
-}
+# QEMU's nbd_cmd_lookup names, used in its error texts (option names live in wire).
 COMMAND_NAMES: dict[int, str] = {
     CMD_READ: "read",
     CMD_WRITE: "write",
@@ -62,10 +57,6 @@ COMMAND_NAMES: dict[int, str] = {
     CMD_WRITE_ZEROES: "write zeroes",
     CMD_BLOCK_STATUS: "block status",
 }
-
-
-def option_name(option: int) -> str:
-    return OPTION_NAMES.get(option, "<unknown>")
 
 
 def command_name(command: int) -> str:
@@ -253,6 +244,11 @@ class Request:
 
 
 @dataclass(frozen=True)
+class StartTLS:
+    """The client asked for TLS and the ACK is queued: send it, then run the server handshake."""
+
+
+@dataclass(frozen=True)
 class ConnectionClosed:
     """The connection is over; send what is pending, then close.
 
@@ -263,7 +259,7 @@ class ConnectionClosed:
     reason: str | None = None
 
 
-Event = TransmissionStarted | Request | ConnectionClosed
+Event = TransmissionStarted | Request | StartTLS | ConnectionClosed
 
 
 class LocalProtocolError(Exception):
@@ -288,6 +284,7 @@ class Expect(enum.Enum):
     OPTION_DATA = "option-data"
     REQUEST_HEADER = "request-header"
     WRITE_PAYLOAD = "write-payload"
+    TLS_HANDSHAKE = "tls-handshake"  # the caller's turn: nothing is parsed
     NOTHING = "nothing"
 
 
@@ -383,11 +380,13 @@ class ServerConnection:
 
     :param exports: the export catalogue by name; read when the client asks.
     :param lookup: optional callable used instead of ``exports`` (exports added later).
+    :param tls: TLS is required before any option but ``STARTTLS``.
     """
 
     exports: Mapping[str, ExportInfo] = field(default_factory=dict)
     lookup: Callable[[str], ExportInfo | None] | None = None
     listing: Callable[[], Iterable[ExportInfo]] | None = None
+    tls: bool = False
 
     phase: Phase = Phase.HANDSHAKE
     expect: Expect = Expect.CLIENT_FLAGS
@@ -396,6 +395,7 @@ class ServerConnection:
     structured: bool = False
     export: ExportInfo | None = None
     close_reason: str | None = None
+    tls_active: bool = False
 
     def __post_init__(self) -> None:
         self._in = bytearray()
@@ -485,6 +485,8 @@ class ServerConnection:
     def _need_more(self) -> bool:
         if self.phase is Phase.CLOSED:
             return False
+        if self.expect is Expect.TLS_HANDSHAKE:
+            return True
         size = self._wanted()
         return size is not None and len(self._in) < size
 
@@ -538,6 +540,12 @@ class ServerConnection:
             raise _Violation("Bad magic received")
         if length > MAX_BUFFER_SIZE:
             raise _Violation(f"len ({length}) is larger than max len ({MAX_BUFFER_SIZE})")
+        if self.tls and not self.tls_active:
+            if not self.fixed_newstyle:
+                raise _Violation(f"Unsupported option 0x{option:x}")
+            if option == OPT_EXPORT_NAME:
+                # No way to send an error back: the client is dropped.
+                raise _Violation(f"Option 0x{option:x} not permitted before TLS")
         if not self.fixed_newstyle and option != OPT_EXPORT_NAME:
             raise _Violation(f"Unsupported option {option} ({option_name(option)}); no way to report error")
         if option == OPT_EXPORT_NAME and length > MAX_STRING_SIZE:
@@ -549,6 +557,11 @@ class ServerConnection:
     def _on_option(self, data: bytes) -> Event | None:
         option = self._option
         self.expect = Expect.OPTION_HEADER
+        if self.tls and not self.tls_active and option != OPT_STARTTLS:
+            self._rep_err(option, REP_ERR_TLS_REQD, f"Option 0x{option:x} not permitted before TLS")
+            if option == OPT_ABORT:
+                self._change("abort")
+            return None
         handler = OPTION_HANDLERS.get(option, ServerConnection._opt_unsupported)
         try:
             return handler(self, option, data)
@@ -603,12 +616,38 @@ class ServerConnection:
         return None
 
     def _opt_starttls(self, option: int, data: bytes) -> Event | None:
+        unexpected = f"option '{option_name(option)}' has unexpected length"
+        if self.tls and not self.tls_active:
+            if data:
+                # QEMU drops a client that cannot even start TLS correctly.
+                self._rep_err(option, REP_ERR_INVALID, unexpected)
+                raise _Violation(unexpected)
+            if self._in:
+                # The client must wait for the ACK; bytes already here cannot be handed to
+                # the TLS layer, which reads the socket itself.
+                raise _Violation("Unexpected data after option 'starttls'")
+            self._rep(option, REP_ACK)
+            self.expect = Expect.TLS_HANDSHAKE
+            return StartTLS()
         if data:
-            # QEMU drops a client that cannot even start TLS correctly.
-            self._rep_err(option, REP_ERR_INVALID, f"option '{option_name(option)}' has unexpected length")
-            raise _Violation(f"option '{option_name(option)}' has unexpected length")
+            raise _OptionInvalid(unexpected)
+        if self.tls:
+            raise _OptionInvalid("TLS already enabled")
         self._rep_err(option, REP_ERR_POLICY, "TLS not configured")
         return None
+
+    def tls_established(self) -> None:
+        """The TLS handshake that :class:`StartTLS` asked for succeeded: options go on.
+
+        :raise LocalProtocolError: when no handshake was due.
+        """
+        if self.expect is not Expect.TLS_HANDSHAKE or self.phase is not Phase.OPTIONS:
+            raise LocalProtocolError("no TLS handshake is pending")
+        self.tls_active = True
+        self.expect = Expect.OPTION_HEADER
+        # Nothing negotiated in clear text survives the upgrade.
+        self.structured = False
+        self._meta = _MetaSelection()
 
     def _opt_info(self, option: int, data: bytes) -> Event | None:
         reader = _OptionReader(option, data)

@@ -6,6 +6,10 @@ only moves bytes and runs requests. Every export does its I/O through its own
 passing ``RequestFlags.FUA`` for FUA requests. Requests of one connection run concurrently (up
 to :data:`MAX_REQUESTS`) and are answered as they complete. A failing connection is closed and
 logged; the server goes on.
+
+With TLS credentials, the connection is upgraded in place when the protocol asks for it
+(:class:`~blockgraph.export.nbd.protocol.StartTLS`), with asyncio's ``start_tls``; a failed
+handshake closes that connection only.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import itertools
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +32,8 @@ from blockgraph.export.nbd import protocol as P
 from blockgraph.export.nbd.status import chain_status, extents
 from blockgraph.graph.node import BlockBackend, Node
 from blockgraph.io.copy_on_read import prefetch
+from blockgraph.objects import ObjectRegistry
+from blockgraph.objects.tls import TlsCredsX509, peer_distinguished_name
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +73,19 @@ class NBDServer:
 
     :param max_connections: clients served at once (qemu-nbd ``-e``); 0 = no limit. Clients
         beyond it wait until a slot frees. Multi-conn is advertised unless it is 1, as QEMU does.
+    :param tls_creds: server credentials: every client must start TLS first.
+    :param tls_authz: the id of a QAuthZ object in ``objects`` that must accept a TLS client's
+        distinguished name (looked up for each client, as QEMU does).
     """
 
-    def __init__(self, exports: list[NBDExport], *, max_connections: int = 0) -> None:
+    def __init__(self, exports: list[NBDExport], *, max_connections: int = 0,
+                 tls_creds: TlsCredsX509 | None = None, tls_authz: str | None = None,
+                 objects: ObjectRegistry | None = None) -> None:
         self.exports = {e.name: e for e in exports}
         self.max_connections = max_connections
+        self.tls_creds = tls_creds
+        self.tls_authz = tls_authz
+        self.objects = objects if objects is not None else ObjectRegistry()
         self._slots = asyncio.Semaphore(max_connections) if max_connections > 0 else None
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[asyncio.Task[None]] = set()
@@ -192,7 +207,8 @@ class _Client:
         self.reader = reader
         self.writer = writer
         self.log = logger
-        self.conn = P.ServerConnection(lookup=server._lookup, listing=server._listing)
+        self.conn = P.ServerConnection(lookup=server._lookup, listing=server._listing,
+                                       tls=server.tls_creds is not None)
         self.export: NBDExport | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.broken = False
@@ -236,6 +252,11 @@ class _Client:
                 task = asyncio.ensure_future(self._request(event))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
+            elif isinstance(event, P.StartTLS):
+                self.flush()
+                await self.drain()
+                if not await self._start_tls():
+                    break
             elif isinstance(event, P.ConnectionClosed):
                 if event.reason is not None:
                     self.log.warning("Disconnect client, due to: %s", event.reason)
@@ -243,6 +264,32 @@ class _Client:
             self.flush()
             await self.drain()
         self.flush()
+
+    async def _start_tls(self) -> bool:
+        """Upgrade the connection; False (logged) when the handshake fails."""
+        creds = self.server.tls_creds
+        assert creds is not None
+        if self.broken:
+            return False
+        try:
+            await self.writer.start_tls(creds.context)
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            self.broken = True
+            self.log.warning("Disconnect client, due to: TLS handshake failed: %s", exc)
+            return False
+        ssl_object = self.writer.get_extra_info("ssl_object")
+        refusal = "No certificate peer" if creds.peer_certificate_missing(ssl_object) else None
+        if refusal is None and self.server.tls_authz is not None:
+            refusal = self.server.objects.authorize(self.server.tls_authz,
+                                                    peer_distinguished_name(ssl_object))
+        if refusal is not None:
+            # As QEMU: the socket just closes, without a TLS alert.
+            self.broken = True
+            self.writer.transport.abort()
+            self.log.warning("Disconnect client, due to: %s", refusal)
+            return False
+        self.conn.tls_established()
+        return True
 
     async def close(self) -> None:
         if self.tasks:

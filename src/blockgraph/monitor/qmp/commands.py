@@ -29,6 +29,7 @@ from blockgraph.monitor.hmp import HMP
 from blockgraph.monitor.qmp import exports, jobcmds, query
 from blockgraph.monitor.qmp.encode import qdict_order
 from blockgraph.monitor.qmp.protocol import version_info
+from blockgraph.objects import add_object
 from blockgraph.options.keyval import flatten
 
 __all__ = ["QMPMonitor", "Flavour", "check_blockdev_options"]
@@ -340,6 +341,20 @@ async def _query_commands(mon: QMPMonitor, args: dict[str, Any]) -> object:
     return [{"name": name} for name in mon.command_names()]
 
 
+async def _object_add(mon: QMPMonitor, args: dict[str, Any]) -> object:
+    add_object(mon.layer.objects, args, keyval=False)
+    return {}
+
+
+async def _object_del(mon: QMPMonitor, args: dict[str, Any]) -> object:
+    ident = str(args["id"])
+    if mon.layer.objects.get(ident) is None:
+        raise BlockError(f"object '{ident}' not found")
+    # Users keep what they hold (an NBD server keeps its credentials), as in QEMU.
+    mon.layer.objects.remove(ident)
+    return {}
+
+
 async def _quit(mon: QMPMonitor, args: dict[str, Any]) -> object:
     if mon.flavour == "system":
         mon.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
@@ -490,6 +505,8 @@ _BLOCKDEV_ARRAY = array(BLOCKDEV_OPTIONS)
 COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("human-monitor-command", (req("command-line", STR), opt("cpu-index", INT)),
                 _human_monitor_command),
+    CommandSpec("object-del", (req("id", STR),), _object_del),
+    CommandSpec("object-add", (), _object_add, boxed=ANY),
     CommandSpec("quit", (), _quit),
     CommandSpec("query-commands", (), _query_commands),
     CommandSpec("query-version", (), _query_version),

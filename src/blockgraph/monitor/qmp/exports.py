@@ -224,14 +224,19 @@ async def _start(mon: QMPMonitor, kind: str, data: Mapping[str, Any], args: Mapp
     if st.server is not None:
         raise BlockError("NBD server already running")
     sock = _listen(kind, data, from_cli)
-    creds = args.get("tls-creds")
-    if creds is not None:
-        # No TLS credential objects exist in blockgraph.
-        sock.close()
-        raise BlockError(f"No TLS credentials with id '{creds}'")
+    creds_id = args.get("tls-creds")
+    creds = None
+    if creds_id is not None:
+        try:
+            creds = mon.layer.objects.tls_creds(str(creds_id), "server")
+        except BlockError:
+            sock.close()
+            raise
     max_connections = args.get("max-connections", 0)
     assert isinstance(max_connections, int)
-    server = NBDServer([], max_connections=max_connections)
+    authz = args.get("tls-authz")
+    server = NBDServer([], max_connections=max_connections, tls_creds=creds,
+                       tls_authz=None if authz is None else str(authz), objects=mon.layer.objects)
     await server.listen_socket(sock)
     st.server = server
 

@@ -6,9 +6,9 @@ import getopt
 import sys
 
 from blockgraph.errors import BlockError, IOFailure, OptionError
-from blockgraph.graph.layer import BlockLayer
 from blockgraph.options.keyval import parse_drive_opts
 from blockgraph.tools.img.common import Fail as _Fail
+from blockgraph.tools.img.common import new_layer, open_failure
 
 
 def cmd_amend(prog: str, args: list[str]) -> int:
@@ -36,7 +36,7 @@ def cmd_amend(prog: str, args: list[str]) -> int:
     if len(rest) != 1:
         raise _Fail("Expecting one image file name")
     filename = rest[0]
-    layer = BlockLayer()
+    layer = new_layer(opts)
     try:
         options: dict[str, object] = {"read-only": False}
         if fmt:
@@ -44,7 +44,7 @@ def cmd_amend(prog: str, args: list[str]) -> int:
         try:
             node = layer.run(layer.open_node(filename, options))
         except BlockError as exc:
-            raise _Fail(f"Could not open '{filename}': {exc}") from None
+            raise open_failure(filename, exc) from None
         from blockgraph.drivers.qcow2.amend import amend
         from blockgraph.drivers.qcow2.driver import Qcow2Driver
 

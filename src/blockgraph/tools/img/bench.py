@@ -9,9 +9,8 @@ import sys
 import time
 
 from blockgraph.errors import IOFailure
-from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.node import BlockBackend
-from blockgraph.tools.img.common import Fail, open_image, size_arg
+from blockgraph.tools.img.common import Fail, new_layer, open_image, size_arg
 
 
 class _Bench:
@@ -149,7 +148,7 @@ def cmd_bench(prog: str, args: list[str]) -> int:
         raise Fail("--flush-interval is only available in write tests")
     step = step or bufsize
     filename = rest[0]
-    layer = BlockLayer()
+    layer = new_layer(opts)
     try:
         extra: dict[str, object] = {"file.aio": aio} if aio else {}
         bb = open_image(layer, filename, fmt, read_only=not write, cache=cache, extra=extra)

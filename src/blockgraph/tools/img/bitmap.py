@@ -16,7 +16,13 @@ from blockgraph.errors import BlockError, IOFailure, OptionError
 from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.node import Node
 from blockgraph.options.schema import parse_size
-from blockgraph.tools.img.common import Fail, cache_options, parse_image_opts
+from blockgraph.tools.img.common import (
+    Fail,
+    cache_options,
+    new_layer,
+    open_failure,
+    parse_image_opts,
+)
 
 _LONG = ["help", "object=", "image-opts", "add", "remove", "clear", "enable", "disable",
          "merge=", "granularity=", "source-file=", "source-format="]
@@ -67,7 +73,7 @@ def cmd_bitmap(prog: str, args: list[str]) -> int:
     if image_opts and fmt:
         raise Fail("--image-opts and --format are mutually exclusive")
 
-    layer = BlockLayer()
+    layer = new_layer(opts)
     try:
         node = _open(layer, filename, fmt, image_opts, read_only=False, prog=prog)
         src_node = None
@@ -134,5 +140,5 @@ def _open(layer: BlockLayer, filename: str, fmt: str | None, image_opts: bool, *
     try:
         return layer.run(layer.open_node(open_name, options, backend=bb))
     except BlockError as exc:
-        raise Fail(f"Could not open '{filename}': {exc}") from None
+        raise open_failure(filename, exc) from None
 

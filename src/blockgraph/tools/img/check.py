@@ -16,7 +16,13 @@ from blockgraph.drivers.qcow2.check import FIX_ERRORS, FIX_LEAKS, CheckResult
 from blockgraph.drivers.qcow2.driver import Qcow2Driver
 from blockgraph.errors import BlockError, IOFailure
 from blockgraph.graph.layer import BlockLayer
-from blockgraph.tools.img.common import Fail, cache_options, parse_image_opts
+from blockgraph.tools.img.common import (
+    Fail,
+    cache_options,
+    new_layer,
+    open_failure,
+    parse_image_opts,
+)
 
 # ImageCheck members in the order QEMU's visitor inserts them into its QDict.
 _JSON_FIELDS = ("filename", "format", "check-errors", "image-end-offset", "corruptions", "leaks",
@@ -131,7 +137,7 @@ def cmd_check(prog: str, args: list[str]) -> int:
     if image_opts and fmt:
         raise Fail("--image-opts and --format are mutually exclusive")
 
-    layer = BlockLayer()
+    layer = new_layer(opts)
     try:
         options: dict[str, object] = {}
         open_name: str | None = filename
@@ -148,7 +154,7 @@ def cmd_check(prog: str, args: list[str]) -> int:
         try:
             node = layer.run(layer.open_node(open_name, options, backend=bb, check=True))
         except BlockError as exc:
-            raise Fail(f"Could not open '{filename}': {exc}") from None
+            raise open_failure(filename, exc) from None
         drv = node.driver
         if not isinstance(drv, Qcow2Driver):
             raise Fail("This image format does not support checks", 63)

@@ -13,7 +13,6 @@ import sys
 
 from blockgraph.drivers.base import RequestFlags
 from blockgraph.errors import BlockError, IOFailure
-from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.node import Node
 from blockgraph.tools.img.common import (
     IO_BUF_SIZE,
@@ -21,6 +20,7 @@ from blockgraph.tools.img.common import (
     Fail,
     Progress,
     chain_status,
+    new_layer,
     open_image,
     root,
 )
@@ -64,7 +64,7 @@ def cmd_commit(prog: str, args: list[str]) -> int:
     if len(rest) != 1:
         raise Fail("Expecting one image file name")
     filename = rest[0]
-    layer = BlockLayer()
+    layer = new_layer(opts)
     state = Progress(progress, 1.0)
     try:
         bb = open_image(layer, filename, fmt, read_only=False, cache=cache)

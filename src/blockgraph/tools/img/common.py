@@ -19,6 +19,7 @@ from blockgraph.drivers.base import BlockStatusFlags, ChildAccess
 from blockgraph.errors import BlockError, OptionError
 from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.node import BlockBackend, Node
+from blockgraph.objects import TOOL_OBJECT_TYPES, add_object, object_help
 from blockgraph.options.cache import CACHE_MODES
 from blockgraph.options.keyval import parse_drive_opts
 from blockgraph.options.schema import parse_bool, parse_size
@@ -143,8 +144,38 @@ def open_image(
         layer.run(layer.open_node(open_name, options, backend=bb))
     except BlockError as exc:
         layer.run(layer.remove_backend(bb))
-        raise Fail(f"Could not open '{filename}': {exc}", fail_code) from None
+        raise open_failure(filename, exc, fail_code) from None
     return bb
+
+
+def open_failure(filename: str, exc: BlockError, code: int = 1) -> Fail:
+    """``Could not open 'FILE': reason``; a reason's further lines (hints) get no program name."""
+    first, _, more = str(exc).partition("\n")
+    return Fail(f"Could not open '{filename}': {first}", code, tail=more + "\n" if more else "")
+
+
+def new_layer(opts: list[tuple[str, str]]) -> BlockLayer:
+    """A BlockLayer holding the ``--object`` objects among ``opts``, made in their order.
+
+    :raise Fail: QEMU's text for a bad object.
+    """
+    layer = BlockLayer()
+    for flag, value in opts:
+        if flag != "--object":
+            continue
+        lines = object_help(value, TOOL_OBJECT_TYPES)
+        if lines is not None:
+            # qemu-img prints the help and exits successfully, whatever the command.
+            layer.close()
+            sys.stdout.write("".join(line + "\n" for line in lines))
+            raise SystemExit(0)
+        try:
+            add_object(layer.objects, value, TOOL_OBJECT_TYPES)
+        except BlockError as exc:
+            layer.close()
+            first, _, more = str(exc).partition("\n")
+            raise Fail(first, tail=more + "\n" if more else "") from None
+    return layer
 
 
 def root(bb: BlockBackend) -> Node:

@@ -12,7 +12,6 @@ import os
 import sys
 
 from blockgraph.errors import IOFailure
-from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.node import BlockBackend
 from blockgraph.tools.img.common import (
     IO_BUF_SIZE,
@@ -23,6 +22,7 @@ from blockgraph.tools.img.common import (
     chain_status,
     first_difference,
     first_nonzero,
+    new_layer,
     open_image,
     root,
 )
@@ -166,7 +166,7 @@ def cmd_compare(prog: str, args: list[str]) -> int:
         raise Fail("Expecting two image file names", _ERROR)
     name1, name2 = rest
     fmt2 = fmt2 or fmt1
-    layer = BlockLayer()
+    layer = new_layer(opts)
     state = Progress(progress, 2.0)
     try:
         try:

@@ -42,6 +42,7 @@ from blockgraph.tools.img.common import (
     Progress,
     chain_status,
     is_zero,
+    new_layer,
     open_image,
     root,
     size_arg,
@@ -557,7 +558,7 @@ def cmd_convert(prog: str, args: list[str]) -> int:
         if not get_driver(out_fmt).supported_write_flags & RequestFlags.COMPRESSED:
             raise Fail("Compression not supported for this file format")
 
-    layer = BlockLayer()
+    layer = new_layer(opts)
     prog_state = Progress(progress, 1.0)
     try:
         sources: list[_Source] = []

@@ -9,10 +9,10 @@ import sys
 from blockgraph.drivers.qcow2.create import qcow2_create_line, raw_create_line
 from blockgraph.errors import BlockError, OptionError
 from blockgraph.graph.create import create_image
-from blockgraph.graph.layer import BlockLayer
 from blockgraph.options.keyval import parse_drive_opts
 from blockgraph.options.schema import parse_size
 from blockgraph.tools.img.common import Fail as _Fail
+from blockgraph.tools.img.common import new_layer
 from blockgraph.tools.img.common import size_arg as _size_arg
 
 _INT_OPTIONS = ("cluster_size", "refcount_bits")
@@ -57,7 +57,7 @@ def cmd_create(prog: str, args: list[str]) -> int:
     if fmt not in ("raw", "qcow2"):
         raise _Fail(f"{filename}: Unknown file format '{fmt}'")
     options: dict[str, object] = {}
-    layer = BlockLayer()
+    layer = new_layer(opts)
     try:
         for key, value in raw_options.items():
             if key in ("backing_file", "backing_fmt"):

@@ -12,9 +12,8 @@ import sys
 
 from blockgraph.errors import BlockError, IOFailure, OptionError
 from blockgraph.graph.create import create_image
-from blockgraph.graph.layer import BlockLayer
 from blockgraph.options.schema import parse_size
-from blockgraph.tools.img.common import IO_BUF_SIZE, Fail, open_image
+from blockgraph.tools.img.common import IO_BUF_SIZE, Fail, new_layer, open_image
 
 _INT_MAX = (1 << 31) - 1
 
@@ -66,7 +65,7 @@ def cmd_dd(prog: str, args: list[str]) -> int:
         raise Fail("Must specify both input and output files")
     if out_fmt not in ("raw", "qcow2"):
         raise Fail(f"Unknown file format '{out_fmt}'")
-    layer = BlockLayer()
+    layer = new_layer(opts)
     try:
         src = open_image(layer, in_name, fmt, read_only=True)
         size = src.getlength()

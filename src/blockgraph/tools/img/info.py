@@ -7,11 +7,11 @@ import json
 import sys
 
 from blockgraph.errors import BlockError
-from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.query import image_info
 from blockgraph.monitor.imageinfo import format_image_info, image_info_json
 from blockgraph.options.keyval import parse_drive_opts
 from blockgraph.tools.img.common import Fail as _Fail
+from blockgraph.tools.img.common import new_layer, open_failure
 
 
 def cmd_info(prog: str, args: list[str]) -> int:
@@ -38,19 +38,22 @@ def cmd_info(prog: str, args: list[str]) -> int:
     if not rest:
         raise _Fail("Expecting one image file name")
     filename = rest[0]
-    layer = BlockLayer()
+    layer = new_layer(opts)
     try:
         options: dict[str, object] = {"read-only": True}
         open_name: str | None = filename
         if image_opts:
-            options.update(parse_drive_opts(filename))
+            try:
+                options.update(parse_drive_opts(filename))
+            except BlockError as exc:
+                raise _Fail(str(exc)) from None
             open_name = None
         elif fmt:
             options["driver"] = fmt
         try:
             node = layer.run(layer.open_node(open_name, options, no_io=True))
         except BlockError as exc:
-            raise _Fail(f"Could not open '{filename}': {exc}") from None
+            raise open_failure(filename, exc) from None
         nodes = [node]
         while chain and nodes[-1].backing is not None:
             backing = nodes[-1].backing

@@ -7,8 +7,7 @@ import sys
 from dataclasses import dataclass
 
 from blockgraph.errors import IOFailure
-from blockgraph.graph.layer import BlockLayer
-from blockgraph.tools.img.common import F, Fail, chain_status, open_image, root, size_arg
+from blockgraph.tools.img.common import F, Fail, chain_status, new_layer, open_image, root, size_arg
 
 
 @dataclass
@@ -88,7 +87,7 @@ def cmd_map(prog: str, args: list[str]) -> int:
     if not rest:
         raise Fail("Expecting one image file name")
     filename = rest[-1]
-    layer = BlockLayer()
+    layer = new_layer(opts)
     try:
         bb = open_image(layer, filename, fmt, read_only=True)
         node = root(bb)

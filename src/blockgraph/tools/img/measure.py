@@ -12,12 +12,12 @@ import json
 import sys
 
 from blockgraph.errors import OptionError
-from blockgraph.graph.layer import BlockLayer
 from blockgraph.options.keyval import parse_drive_opts
 from blockgraph.tools.img.common import (
     F,
     Fail,
     chain_status,
+    new_layer,
     open_image,
     root,
     size_arg,
@@ -107,7 +107,7 @@ def cmd_measure(prog: str, args: list[str]) -> int:
     refcount_bits = int(str(options.get("refcount_bits", 16)))
     extended_l2 = bool(options.get("extended_l2", False))
     prealloc = str(options.get("preallocation", "off"))
-    layer = BlockLayer()
+    layer = new_layer(opts)
     data = 0
     have_source = False
     source_bitmaps = False

@@ -11,13 +11,13 @@ import getopt
 import os
 
 from blockgraph.errors import BlockError, IOFailure
-from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.node import BlockBackend, Node
 from blockgraph.tools.img.common import (
     IO_BUF_SIZE,
     F,
     Fail,
     Progress,
+    new_layer,
     node_status,
     open_image,
     root,
@@ -108,7 +108,7 @@ def cmd_rebase(prog: str, args: list[str]) -> int:
         raise Fail("Must specify backing file (-b) or use unsafe mode (-u)",
                    tail=f"Try '{prog} --help' for more information\n")
     filename = rest[0]
-    layer = BlockLayer()
+    layer = new_layer(opts)
     state = Progress(progress, 2.0)
     try:
         extra: dict[str, object] = {"backing": None} if unsafe else {}

@@ -7,9 +7,8 @@ import sys
 
 from blockgraph.drivers.base import PREALLOC_MODES, PreallocMode
 from blockgraph.errors import BlockError, IOFailure, OptionError
-from blockgraph.graph.layer import BlockLayer
 from blockgraph.options.schema import parse_size
-from blockgraph.tools.img.common import Fail, open_image, root
+from blockgraph.tools.img.common import Fail, new_layer, open_image, root
 
 _SHRINK_WARNING = ("warning: Shrinking an image will delete all data beyond the shrunken "
                    "image's end. Before performing such an operation, make sure there is no "
@@ -60,7 +59,7 @@ def cmd_resize(prog: str, args: list[str]) -> int:
         size = parse_size("size", size_text)
     except OptionError:
         raise Fail(_SIZE_ERROR, tail=_SIZE_TAIL) from None
-    layer = BlockLayer()
+    layer = new_layer(opts)
     try:
         bb = open_image(layer, filename, fmt, read_only=False, image_opts=image_opts, prog=prog)
         current = bb.getlength()

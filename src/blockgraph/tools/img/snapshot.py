@@ -7,9 +7,9 @@ import os
 import sys
 
 from blockgraph.errors import BlockError, IOFailure
-from blockgraph.graph.layer import BlockLayer
 from blockgraph.monitor.imageinfo import format_snapshot_list
 from blockgraph.tools.img.common import Fail as _Fail
+from blockgraph.tools.img.common import new_layer, open_failure
 
 _ACTIONS = {"-l": "list", "-a": "apply", "-c": "create", "-d": "delete"}
 _VERBS = {"apply": "apply", "create": "create", "delete": "delete"}
@@ -42,7 +42,7 @@ def cmd_snapshot(prog: str, args: list[str]) -> int:
     filename = rest[0]
     if action is None:
         return 0
-    layer = BlockLayer()
+    layer = new_layer(opts)
     try:
         options: dict[str, object] = {"read-only": action == "list"}
         if fmt:
@@ -52,7 +52,7 @@ def cmd_snapshot(prog: str, args: list[str]) -> int:
         try:
             node = layer.run(layer.open_node(filename, options))
         except BlockError as exc:
-            raise _Fail(f"Could not open '{filename}': {exc}") from None
+            raise open_failure(filename, exc) from None
         drv = node.driver
         if action == "list":
             sys.stdout.write(format_snapshot_list(drv.snapshot_list()))

@@ -1,0 +1,303 @@
+"""User-creatable objects: what ``--object`` (and ``object-add``) make, looked up by id.
+
+Rules of this package:
+
+* One :class:`ObjectRegistry` per :class:`~blockgraph.graph.layer.BlockLayer` (no globals); the
+  tools fill it from their ``--object`` options, the NBD client driver and the NBD server look
+  TLS credentials up in it. It sits below ``drivers/`` so that both can import it.
+* :func:`add_object` is the one way in, for every tool: it checks an object's options the way
+  QEMU 7.2's ``user_creatable_add_qapi`` does, in QEMU's order and with QEMU's texts — first the
+  QAPI members in schema order (types, enums), then unknown members, then the id, then duplicate
+  ids, and only then the object's own completion (reading files). A failure adds nothing.
+* Object types blockgraph has no use for (``iothread``, ``authz-simple``, ...) are accepted and
+  only take their id, so a command line written for QEMU still runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from blockgraph.errors import BlockError
+
+if TYPE_CHECKING:
+    from blockgraph.objects.tls import TlsCredsX509
+
+__all__ = [
+    "OBJECT_TYPES", "TOOL_OBJECT_TYPES", "AuthzSimple", "ObjectCreationError", "UserObject", "Secret", "ObjectRegistry", "add_object",
+    "parse_object", "object_help",
+]
+
+# ``--object help`` of qemu-nbd and qemu-storage-daemon 7.2.
+OBJECT_TYPES: tuple[str, ...] = (
+    "authz-list", "authz-list-file", "authz-simple", "iothread", "main-loop", "pr-manager-helper",
+    "secret", "secret_keyring", "thread-context", "throttle-group", "tls-cipher-suites",
+    "tls-creds-anon", "tls-creds-psk", "tls-creds-x509",
+)
+# qemu-img and qemu-io offer every type but ``iothread``.
+TOOL_OBJECT_TYPES: tuple[str, ...] = tuple(t for t in OBJECT_TYPES if t != "iothread")
+
+_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
+_ID_HINT = "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter."
+_BOOL_WORDS = {"on": True, "yes": True, "true": True, "y": True,
+               "off": False, "no": False, "false": False, "n": False}
+
+
+class ObjectCreationError(BlockError):
+    """A failure after the options were accepted: a duplicate id, or the object's own files.
+
+    qemu-system-x86_64 reports these without the ``-object ...:`` location it gives option
+    errors, because it creates objects after parsing the command line.
+    """
+
+
+@dataclass
+class UserObject:
+    """An object that is only an id here (blockgraph does nothing with its type)."""
+
+    qom_type: str
+    id: str
+
+
+@dataclass
+class AuthzSimple(UserObject):
+    """``authz-simple``: exactly one identity (a TLS client's distinguished name) is allowed."""
+
+    identity: str = ""
+
+    def is_allowed(self, identity: str) -> bool:
+        return identity == self.identity
+
+
+@dataclass
+class Secret(UserObject):
+    """``secret``: bytes given inline (``data``) or read from ``file``."""
+
+    data: bytes = b""
+
+
+# -- member checking (QEMU's keyval/QAPI visitors) ----------------------------------------------
+
+# (name, kind): kind is "str", "bool", or a tuple of enum values. Order is QEMU's schema order,
+# which decides which of several bad values is reported.
+Member = tuple[str, "str | tuple[str, ...]"]
+
+_SECRET_MEMBERS: tuple[Member, ...] = (
+    ("format", ("raw", "base64")), ("keyid", "str"), ("iv", "str"), ("data", "str"),
+    ("file", "str"),
+)
+_TLS_MEMBERS: tuple[Member, ...] = (
+    ("verify-peer", "bool"), ("dir", "str"), ("endpoint", ("client", "server")),
+    ("priority", "str"),
+)
+_MEMBERS: dict[str, tuple[Member, ...]] = {
+    "secret": _SECRET_MEMBERS,
+    "tls-creds-x509": (*_TLS_MEMBERS, ("sanity-check", "bool"), ("passwordid", "str")),
+    "tls-creds-psk": (*_TLS_MEMBERS, ("username", "str")),
+    "tls-creds-anon": _TLS_MEMBERS,
+    "authz-simple": (("identity", "str"),),
+}
+# The QOM type names ``--object TYPE,help`` shows for members that are not plain.
+_HELP_TYPES = {"str": "string", "bool": "bool", "endpoint": "QCryptoTLSCredsEndpoint"}
+# Members QEMU's schema makes mandatory, checked with the types.
+_REQUIRED: dict[str, tuple[str, ...]] = {"authz-simple": ("identity",)}
+
+
+def _check_members(members: Sequence[Member], props: dict[str, Any], keyval: bool) -> None:
+    for name, kind in members:
+        if name not in props:
+            continue
+        value = props[name]
+        if kind == "bool":
+            if keyval and isinstance(value, str):
+                if value not in _BOOL_WORDS:
+                    raise BlockError(f"Parameter '{name}' expects 'on' or 'off'")
+                props[name] = _BOOL_WORDS[value]
+            elif not isinstance(value, bool):
+                raise BlockError(f"Invalid parameter type for '{name}', expected: boolean")
+        elif not isinstance(value, str):
+            raise BlockError(f"Invalid parameter type for '{name}', expected: string")
+        elif isinstance(kind, tuple) and value not in kind:
+            raise BlockError(f"Parameter '{name}' does not accept value '{value}'")
+    known = {name for name, _ in members}
+    for name in props:
+        if name not in known:
+            raise BlockError(f"Parameter '{name}' is unexpected")
+
+
+# -- the registry ---------------------------------------------------------------------------------
+
+
+class ObjectRegistry:
+    """The objects of one process, by id, in creation order."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, UserObject] = {}
+
+    def get(self, ident: str) -> UserObject | None:
+        return self.objects.get(ident)
+
+    def secret(self, ident: str) -> Secret:
+        """The secret ``ident``.
+
+        :raise BlockError: QEMU's text when there is none.
+        """
+        found = self.objects.get(ident)
+        if not isinstance(found, Secret):
+            raise BlockError(f"No secret with id '{ident}'")
+        return found
+
+    def tls_creds(self, ident: str, endpoint: str) -> TlsCredsX509:
+        """The TLS credentials ``ident`` for an ``endpoint`` ("server" or "client").
+
+        :raise BlockError: QEMU's texts for a missing object, an object of another type, and
+            credentials made for the other endpoint.
+        """
+        from blockgraph.objects.tls import TlsCredsX509  # tls builds on this module
+
+        found = self.objects.get(ident)
+        if found is None:
+            raise BlockError(f"No TLS credentials with id '{ident}'")
+        if found.qom_type.startswith("tls-creds-") and not isinstance(found, TlsCredsX509):
+            raise BlockError(f"TLS credentials of type '{found.qom_type}' are not supported "
+                             "by blockgraph")
+        if not isinstance(found, TlsCredsX509):
+            raise BlockError(f"Object with id '{ident}' is not TLS credentials")
+        if found.endpoint != endpoint:
+            raise BlockError(f"Expected TLS credentials for a {endpoint} endpoint")
+        return found
+
+    def authorize(self, authz_id: str, identity: str | None) -> str | None:
+        """Why the TLS client ``identity`` (its distinguished name) is refused, or None.
+
+        The object is looked up for each client, as QEMU does: one added later counts, and an
+        id naming nothing refuses everyone.
+        """
+        found = self.objects.get(authz_id)
+        if found is None:
+            return f"Cannot find QAuthZ object ID {authz_id}"
+        if not isinstance(found, AuthzSimple):
+            # authz-list, authz-list-file and authz-pam are not evaluated: refuse rather than
+            # let everyone in.
+            return f"QAuthZ object '{authz_id}' of type '{found.qom_type}' is not supported by blockgraph"
+        if identity is None or not found.is_allowed(identity):
+            return f"TLS x509 authz check for {identity} is denied"
+        return None
+
+    def remove(self, ident: str) -> None:
+        self.objects.pop(ident, None)
+
+
+def parse_object(text: str) -> tuple[dict[str, Any], bool]:
+    """An ``--object`` argument as a dict, and whether it was keyval (strings) or JSON."""
+    from blockgraph.options.keyval import parse_keyval
+    from blockgraph.options.qjson import parse_json
+
+    if text.startswith("{"):
+        parsed = parse_json(text)
+        if not isinstance(parsed, dict):
+            raise BlockError("JSON argument must be an object")
+        return dict(parsed), False
+    return dict(parse_keyval(text, implied_key="qom-type")), True
+
+
+def object_help(text: str, types: Sequence[str] = OBJECT_TYPES) -> list[str] | None:
+    """The lines QEMU prints for ``--object help`` / ``--object tls-creds-x509,help``, or None."""
+    if text in ("help", "?"):
+        return ["List of user creatable objects:", *(f"  {t}" for t in types)]
+    kind, _, rest = text.partition(",")
+    if rest in ("help", "?") and kind in _MEMBERS and kind != "secret":
+        members = sorted(_MEMBERS[kind])
+        return [f"{kind} options:", *(f"  {name}=<{_HELP_TYPES[name if name == 'endpoint' else str(t)]}>"
+                                      for name, t in members)]
+    return None
+
+
+def add_object(registry: ObjectRegistry, spec: str | Mapping[str, Any],
+               types: Sequence[str] = OBJECT_TYPES, keyval: bool | None = None) -> UserObject:
+    """Create the object ``spec`` describes (an ``--object`` string or a QMP-style dict).
+
+    :param types: the object types the calling program offers; a QOM type outside it gets
+        qemu-io's ``invalid object type`` text.
+    :raise BlockError: QEMU's text; nothing is added then.
+    """
+    if isinstance(spec, str):
+        props, is_keyval = parse_object(spec)
+    else:
+        props, is_keyval = dict(spec), bool(keyval)
+    qom_type = props.pop("qom-type", None)
+    if qom_type is None:
+        raise BlockError("Parameter 'qom-type' is missing")
+    if not isinstance(qom_type, str):
+        raise BlockError("Invalid parameter type for 'qom-type', expected: string")
+    if qom_type not in OBJECT_TYPES:
+        raise BlockError(f"Parameter 'qom-type' does not accept value '{qom_type}'")
+    ident = props.pop("id", None)
+    if ident is None:
+        raise BlockError("Parameter 'id' is missing")
+    if not isinstance(ident, str):
+        raise BlockError("Invalid parameter type for 'id', expected: string")
+    members = _MEMBERS.get(qom_type)
+    if members is not None:
+        for name, _ in members:
+            if name in _REQUIRED.get(qom_type, ()) and name not in props:
+                raise BlockError(f"Parameter '{name}' is missing")
+        _check_members(members, props, is_keyval)
+    if not _ID_RE.match(ident):
+        raise BlockError(f"Parameter 'id' expects an identifier\n{_ID_HINT}")
+    if qom_type not in types:
+        raise BlockError(f"invalid object type: {qom_type}")
+    if ident in registry.objects:
+        raise ObjectCreationError(f"attempt to add duplicate property '{ident}' to object "
+                                  "(type 'container')")
+    obj: UserObject
+    try:
+        if qom_type == "secret":
+            obj = Secret(qom_type, ident, _secret_data(props))
+        elif qom_type == "tls-creds-x509":
+            from blockgraph.objects.tls import TlsCredsX509
+
+            obj = TlsCredsX509.create(ident, props, registry)
+        elif qom_type == "tls-creds-psk":
+            from blockgraph.objects.tls import check_psk_files
+
+            # Checked as QEMU does, though Python's ssl cannot use PSK credentials.
+            check_psk_files(props)
+            obj = UserObject(qom_type, ident)
+        elif qom_type == "authz-simple":
+            obj = AuthzSimple(qom_type, ident, str(props["identity"]))
+        else:
+            obj = UserObject(qom_type, ident)
+    except ObjectCreationError:
+        raise
+    except BlockError as exc:
+        raise ObjectCreationError(str(exc)) from None
+    registry.objects[ident] = obj
+    return obj
+
+
+def _secret_data(props: Mapping[str, Any]) -> bytes:
+    data, path = props.get("data"), props.get("file")
+    if data is not None and path is not None:
+        raise BlockError("'file' and 'data' are mutually exclusive")
+    if data is None and path is None:
+        raise BlockError("Either 'file' or 'data' must be provided")
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as exc:
+            # QEMU reads it with GLib, whose message quotes the name this way.
+            raise BlockError(f"Unable to read {path}: Failed to open file \u201c{path}\u201d: "
+                             f"{exc.strerror}") from None
+    else:
+        raw = str(data).encode()
+    if props.get("format") == "base64":
+        try:
+            return base64.b64decode(raw, validate=False)
+        except ValueError:
+            raise BlockError("Unable to decode base64 data") from None
+    return raw
