@@ -24,8 +24,8 @@ from blockgraph.drivers.base import (
     NodeFlags,
     OpenContext,
     RequestFlags,
+    fire_debug_event,
 )
-from blockgraph.drivers.blkdebug import fire_debug_event
 from blockgraph.errors import EINVAL, ENOTSUP, BlockError, IOFailure
 from blockgraph.options.schema import OptionSpec, OptType, opt
 

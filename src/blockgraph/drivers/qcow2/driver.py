@@ -28,7 +28,7 @@ import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from blockgraph.drivers.base import (
     BlockDriver,
@@ -43,8 +43,6 @@ from blockgraph.drivers.base import (
 )
 from blockgraph.drivers.bitmap import DirtyBitmap
 from blockgraph.drivers.qcow2.bitmaps import Qcow2Bitmaps
-from blockgraph.drivers.qcow2.check import FIX_ALL, CheckResult, check_image
-from blockgraph.drivers.qcow2.compress import compress_cluster, decompress_cluster
 from blockgraph.drivers.qcow2.header import (
     COMPRESSION_TYPE_NAMES,
     HEADER_OFFSET_AUTOCLEAR,
@@ -62,7 +60,6 @@ from blockgraph.drivers.qcow2.header import (
 )
 from blockgraph.drivers.qcow2.refcount import Refcounts
 from blockgraph.drivers.qcow2.snapshot import Snapshot, read_snapshots
-from blockgraph.drivers.qcow2.subcluster import discard_slice_ext, write_slice_ext
 from blockgraph.drivers.qcow2.tables import (
     L1E_OFFSET_MASK,
     L1E_SIZE,
@@ -82,6 +79,11 @@ from blockgraph.drivers.qcow2.tables import (
 )
 from blockgraph.errors import EINVAL, EIO, ENOMEDIUM, ENOTSUP, BlockError, IOFailure
 from blockgraph.options.schema import OptionSpec, OptType, opt
+
+if TYPE_CHECKING:
+    # check, compress (zlib) and subcluster are imported where they are used: most opens need
+    # none of them, and every tool start would pay for their import.
+    from blockgraph.drivers.qcow2.check import CheckResult
 
 log = logging.getLogger(__name__)
 
@@ -431,12 +433,16 @@ class Qcow2Driver(BlockDriver):
         """``qemu-img check`` (``fix``: :data:`~blockgraph.drivers.qcow2.check.FIX_LEAKS` /
         ``FIX_ERRORS``); the stderr lines QEMU prints are in the result's ``messages`` (in
         ``res``, if given, also when the check fails with :class:`IOFailure`)."""
+        from blockgraph.drivers.qcow2.check import check_image
+
         async with self._lock:
             return await check_image(self, fix, res)
 
     async def _repair_dirty(self) -> None:
         """A dirty image (lazy refcounts, not closed cleanly) is repaired at read-write open;
         QEMU prints the check's lines on stderr meanwhile."""
+        from blockgraph.drivers.qcow2.check import FIX_ALL, CheckResult, check_image
+
         res = CheckResult()
         try:
             await check_image(self, FIX_ALL, res)
@@ -739,6 +745,8 @@ class Qcow2Driver(BlockDriver):
         coffset, csize = self._compressed_range(l2_entry)
         raw = bytearray(csize)
         await self._file.preadv(coffset, memoryview(raw))
+        from blockgraph.drivers.qcow2.compress import decompress_cluster
+
         try:
             return decompress_cluster(self.header.compression_type, raw, self.cluster_size)
         except IOFailure as exc:
@@ -816,6 +824,8 @@ class Qcow2Driver(BlockDriver):
                 chunk = min(total - pos,
                             ((cur >> self.cluster_bits) + nb) * self.cluster_size - cur)
                 if self.extended_l2:
+                    from blockgraph.drivers.qcow2.subcluster import write_slice_ext
+
                     await write_slice_ext(self, cur, buf[pos : pos + chunk], l1_index,
                                           l2_index, nb)
                 else:
@@ -840,6 +850,8 @@ class Qcow2Driver(BlockDriver):
         cs = self.cluster_size
         padded = bytes(data) if len(data) == cs else bytes(data) + bytes(cs - len(data))
         # Compressing needs no lock; QEMU stores the cluster plainly when it would not shrink.
+        from blockgraph.drivers.qcow2.compress import compress_cluster
+
         out = compress_cluster(self.header.compression_type, padded)
         if out is None:
             await self.pwritev(offset, data, RequestFlags.NONE)
@@ -1035,6 +1047,8 @@ class Qcow2Driver(BlockDriver):
 
     async def _discard_slice(self, l1_index: int, l2_index: int, nb: int) -> None:
         if self.extended_l2:
+            from blockgraph.drivers.qcow2.subcluster import discard_slice_ext
+
             await discard_slice_ext(self, l1_index, l2_index, nb)
             return
         entries = [e for e, _ in await self._l2_entries(l1_index, l2_index, nb)]
