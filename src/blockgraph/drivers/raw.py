@@ -10,7 +10,6 @@ turn it into another format). The driver cannot tell that it was probed; the gra
 
 from __future__ import annotations
 
-import dataclasses
 import errno as _errno
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -167,8 +166,11 @@ def attribute_status(status: BlockStatus, child: ChildAccess | None, length: int
     ``file=None`` with a valid offset means "the node that answered"; once the answer is passed
     up, that node must be named, and the length must not run past what the parent asked.
     """
-    if status.file is None and status.flags & BlockStatusFlags.OFFSET_VALID:
-        status = dataclasses.replace(status, file=child)
-    if status.length > length:
-        status = dataclasses.replace(status, length=length)
+    # Built directly: dataclasses.replace() re-inspects the fields on every call, and this runs
+    # for every block status query (an NBD read asks one).
+    file = status.file
+    if file is None and status.flags & BlockStatusFlags.OFFSET_VALID:
+        file = child
+    if file is not status.file or status.length > length:
+        status = BlockStatus(status.flags, min(status.length, length), status.offset, file)
     return status

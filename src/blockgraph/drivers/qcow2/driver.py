@@ -147,6 +147,11 @@ def resolve_backing_filename(base: str, backing: str) -> str:
     return os.path.join(os.path.dirname(base), backing)
 
 
+def _hits(offset: int, end: int, start: int, size: int) -> bool:
+    """Whether ``[offset, end)`` overlaps the ``size`` bytes at ``start``."""
+    return size > 0 and start < end and offset < start + size
+
+
 def _is_protocol(name: str) -> bool:
     colon = name.find(":")
     slash = name.find("/")
@@ -184,6 +189,7 @@ class Qcow2Driver(BlockDriver):
         self._pending_read_only = False
         # Overlap check: id(table) -> (copy of the table, its sorted metadata offsets).
         self._overlap_tables: dict[int, tuple[list[int], list[int]]] = {}
+        self._overlap_kinds_cache: dict[tuple[str, str | None], frozenset[str]] = {}
         self._lock = asyncio.Lock()
         self.l1_table: list[int] = []
         self.lazy_refcounts = False
@@ -454,55 +460,71 @@ class Qcow2Driver(BlockDriver):
         if res.check_errors:
             raise BlockError("Could not repair dirty image: Input/output error")
 
-    def overlapping_metadata(self, offset: int, length: int, ignore: str | None = None) -> str | None:
-        """The first kind of metadata ``[offset, offset+length)`` overlaps (QEMU's order)."""
-        if length <= 0 or self.overlap_check == "none" and not self.options:
-            return None
+    def _overlap_kinds(self, ignore: str | None) -> frozenset[str]:
+        """The metadata kinds checked, from the template and the per-kind options.
+
+        Cached: this runs before every data and metadata write, and what it depends on
+        (``options``, ``overlap_check``) only changes at open.
+        """
+        key = (self.overlap_check, ignore)
+        cached = self._overlap_kinds_cache.get(key)
+        if cached is not None:
+            return cached
         enabled = set(OVERLAP_TEMPLATE_KINDS[self.overlap_check])
         for kind in OVERLAP_CHECK_KINDS:
             value = self.options.get(f"overlap-check.{kind}")
             if value is not None:
                 (enabled.add if value else enabled.discard)(kind)
         enabled.discard(ignore or "")
+        kinds = frozenset(enabled)
+        self._overlap_kinds_cache[key] = kinds
+        return kinds
+
+    def _table_overlaps(self, entries: list[int], mask: int, offset: int, end: int) -> bool:
+        # Per write this must not walk the table in Python: the sorted offsets are cached
+        # and revalidated by a C-speed list comparison.
+        cached = self._overlap_tables.get(id(entries))
+        if cached is None or cached[0] != entries:
+            cached = (list(entries), sorted({e & mask for e in entries if e & mask}))
+            self._overlap_tables[id(entries)] = cached
+        offsets = cached[1]
+        i = bisect.bisect_left(offsets, offset - self.cluster_size + 1)
+        return i < len(offsets) and offsets[i] < end
+
+    def overlapping_metadata(self, offset: int, length: int, ignore: str | None = None) -> str | None:
+        """The first kind of metadata ``[offset, offset+length)`` overlaps (QEMU's order)."""
+        if length <= 0 or self.overlap_check == "none" and not self.options:
+            return None
+        enabled = self._overlap_kinds(ignore)
         end = offset + length
-        cs = self.cluster_size
         h = self.header
-
-        def hit(start: int, size: int) -> bool:
-            return size > 0 and start < end and offset < start + size
-
-        def any_table(entries: list[int], mask: int) -> bool:
-            # Per write this must not walk the table in Python: the sorted offsets are cached
-            # and revalidated by a C-speed list comparison.
-            cached = self._overlap_tables.get(id(entries))
-            if cached is None or cached[0] != entries:
-                cached = (list(entries), sorted({e & mask for e in entries if e & mask}))
-                self._overlap_tables[id(entries)] = cached
-            offsets = cached[1]
-            i = bisect.bisect_left(offsets, offset - cs + 1)
-            return i < len(offsets) and offsets[i] < end
-
+        # One test per kind, in QEMU's order; written out rather than as a table of closures,
+        # which cost more to build than the tests themselves.
+        if "main-header" in enabled and _hits(offset, end, 0, self.cluster_size):
+            return "main header"
+        if "active-l1" in enabled and _hits(offset, end, h.l1_table_offset, h.l1_size * L1E_SIZE):
+            return "active L1 table"
+        if "active-l2" in enabled and self._table_overlaps(self.l1_table, L1E_OFFSET_MASK,
+                                                           offset, end):
+            return "active L2 table"
         refcounts = self.refcounts
-        checks: list[tuple[str, str, Any]] = [
-            ("main-header", "main header", lambda: hit(0, cs)),
-            ("active-l1", "active L1 table",
-             lambda: hit(h.l1_table_offset, h.l1_size * L1E_SIZE)),
-            ("active-l2", "active L2 table", lambda: any_table(self.l1_table, L1E_OFFSET_MASK)),
-            ("refcount-table", "refcount table", lambda: hit(
-                refcounts.refcount_table_offset,
-                len(refcounts.refcount_table) * REFTABLE_ENTRY_SIZE)),
-            ("refcount-block", "refcount block",
-             lambda: any_table(refcounts.refcount_table, REFT_OFFSET_MASK)),
-            ("snapshot-table", "snapshot table",
-             lambda: hit(h.snapshots_offset, self.snapshots_size)),
-            ("inactive-l1", "inactive L1 table", lambda: any(
-                hit(sn.l1_table_offset, sn.l1_size * L1E_SIZE) for sn in self.snapshots)),
-            ("bitmap-directory", "bitmap directory", lambda: h.bitmaps is not None and hit(
-                h.bitmaps.bitmap_directory_offset, h.bitmaps.bitmap_directory_size)),
-        ]
-        for key, name, test in checks:
-            if key in enabled and test():
-                return name
+        if "refcount-table" in enabled and _hits(
+                offset, end, refcounts.refcount_table_offset,
+                len(refcounts.refcount_table) * REFTABLE_ENTRY_SIZE):
+            return "refcount table"
+        if "refcount-block" in enabled and self._table_overlaps(
+                refcounts.refcount_table, REFT_OFFSET_MASK, offset, end):
+            return "refcount block"
+        if "snapshot-table" in enabled and _hits(offset, end, h.snapshots_offset,
+                                                 self.snapshots_size):
+            return "snapshot table"
+        if "inactive-l1" in enabled and any(
+                _hits(offset, end, sn.l1_table_offset, sn.l1_size * L1E_SIZE)
+                for sn in self.snapshots):
+            return "inactive L1 table"
+        if "bitmap-directory" in enabled and h.bitmaps is not None and _hits(
+                offset, end, h.bitmaps.bitmap_directory_offset, h.bitmaps.bitmap_directory_size):
+            return "bitmap directory"
         return None
 
     async def _overlap_check(self, offset: int, length: int, ignore: str | None = None) -> None:

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 # Requests of one connection in flight at once (QEMU's NBD_MAX_REQUESTS... is 16).
 MAX_REQUESTS = 16
 _READ_SIZE = 256 * 1024
+# Reply buffers below this size are joined before they are written (see _Client.flush).
+_JOIN_LIMIT = 64 * 1024
 
 
 @dataclass
@@ -196,13 +198,41 @@ class _Client:
         self.tasks: set[asyncio.Task[None]] = set()
         self.broken = False
         self.task: asyncio.Task[Any] | None = None
+        self._flush_scheduled = False
+        self._slot_waiter: asyncio.Future[None] | None = None
 
     def flush(self) -> None:
+        self._flush_scheduled = False
         if self.broken or self.writer.is_closing():
             self.conn.data_to_send()
             return
+        # Small buffers (reply headers, 4 KiB reads, the replies of every request that
+        # completed in this loop iteration) are joined into one write: each write() is a
+        # send() syscall when the socket is not backed up. Big payloads go out as they are,
+        # so they are not copied.
+        batch: list[bytes | bytearray | memoryview] = []
+        size = 0
         for buf in self.conn.data_to_send():
-            self.writer.write(buf)
+            n = len(buf)
+            if n >= _JOIN_LIMIT:
+                if batch:
+                    self.writer.write(b"".join(batch) if len(batch) > 1 else batch[0])
+                    batch, size = [], 0
+                self.writer.write(buf)
+                continue
+            batch.append(buf)
+            size += n
+            if size >= _JOIN_LIMIT:
+                self.writer.write(b"".join(batch))
+                batch, size = [], 0
+        if batch:
+            self.writer.write(b"".join(batch) if len(batch) > 1 else batch[0])
+
+    def _schedule_flush(self) -> None:
+        # Replies of requests that complete in the same loop iteration leave in one write.
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
 
     async def drain(self) -> None:
         try:
@@ -217,7 +247,13 @@ class _Client:
             event = self.conn.next_event()
             if isinstance(event, P.NeedData):
                 if len(self.tasks) >= MAX_REQUESTS:
-                    await asyncio.wait(self.tasks, return_when=asyncio.FIRST_COMPLETED)
+                    # One future that the next finishing request completes: cheaper than
+                    # asyncio.wait(), which adds and removes a callback on every task each time.
+                    self._slot_waiter = asyncio.get_running_loop().create_future()
+                    try:
+                        await self._slot_waiter
+                    finally:
+                        self._slot_waiter = None
                     continue
                 self.flush()
                 await self.drain()
@@ -232,16 +268,22 @@ class _Client:
                 self.log.debug("transmission on export %r (structured=%s, contexts=%s)",
                                event.export.name, event.structured, event.contexts)
             elif isinstance(event, P.Request):
-                task = asyncio.ensure_future(self._request(event))
+                task = asyncio.get_running_loop().create_task(self._request(event))
                 self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+                task.add_done_callback(self._request_done)
             elif isinstance(event, P.ConnectionClosed):
                 if event.reason is not None:
                     self.log.warning("Disconnect client, due to: %s", event.reason)
                 break
-            self.flush()
-            await self.drain()
+            # No flush here: replies queued while parsing (errors for invalid requests) go
+            # out with the next flush, at the latest before the next read (NeedData above).
         self.flush()
+
+    def _request_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        waiter = self._slot_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def close(self) -> None:
         if self.tasks:
@@ -265,8 +307,9 @@ class _Client:
         except Exception:
             self.log.exception("request %d failed", request.command)
             self.conn.reply_error(request.cookie, P.EIO, _FAILURE_TEXT[request.command])
-        self.flush()
-        await self.drain()
+        # Back-pressure is the read loop's: it drains before reading more requests, so at most
+        # MAX_REQUESTS replies are ever buffered, as when each request drained on its own.
+        self._schedule_flush()
 
     async def _read(self, export: NBDExport, request: P.Request) -> None:
         bb = export.backend
