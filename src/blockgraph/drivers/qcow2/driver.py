@@ -130,6 +130,8 @@ QCOW2_RUNTIME_OPTIONS: dict[str, OptionSpec] = {
 }
 
 _ZERO_CHUNK = bytes(1 << 20)
+# Allocating writes with COW up to this size write head, data and tail in one request.
+_MERGE_COW_MAX = 1 << 20
 
 
 def _fill_zero(buf: memoryview) -> None:
@@ -190,6 +192,7 @@ class Qcow2Driver(BlockDriver):
         # Overlap check: id(table) -> (copy of the table, its sorted metadata offsets).
         self._overlap_tables: dict[int, tuple[list[int], list[int]]] = {}
         self._overlap_kinds_cache: dict[tuple[str, str | None], frozenset[str]] = {}
+        self._overlap_reftable: tuple[list[int], int, list[int]] | None = None
         self._lock = asyncio.Lock()
         self.l1_table: list[int] = []
         self.lazy_refcounts = False
@@ -487,7 +490,23 @@ class Qcow2Driver(BlockDriver):
         if cached is None or cached[0] != entries:
             cached = (list(entries), sorted({e & mask for e in entries if e & mask}))
             self._overlap_tables[id(entries)] = cached
-        offsets = cached[1]
+        return self._offsets_overlap(cached[1], offset, end)
+
+    def _refcount_blocks_overlap(self, offset: int, end: int) -> bool:
+        # The refcount table has thousands of entries even for small images: its sorted block
+        # offsets are revalidated by the table's version, not by comparing the table.
+        # The cache holds the table itself, so a new table can never pass for it by id.
+        table = self.refcounts.refcount_table
+        version = self.refcounts.table_version
+        cached = self._overlap_reftable
+        if cached is None or cached[0] is not table or cached[1] != version:
+            offsets = sorted({e & REFT_OFFSET_MASK for e in table if e & REFT_OFFSET_MASK})
+            cached = (table, version, offsets)
+            self._overlap_reftable = cached
+        return self._offsets_overlap(cached[2], offset, end)
+
+    def _offsets_overlap(self, offsets: list[int], offset: int, end: int) -> bool:
+        """Whether a cluster starting at one of the sorted ``offsets`` meets [offset, end)."""
         i = bisect.bisect_left(offsets, offset - self.cluster_size + 1)
         return i < len(offsets) and offsets[i] < end
 
@@ -512,8 +531,7 @@ class Qcow2Driver(BlockDriver):
                 offset, end, refcounts.refcount_table_offset,
                 len(refcounts.refcount_table) * REFTABLE_ENTRY_SIZE):
             return "refcount table"
-        if "refcount-block" in enabled and self._table_overlaps(
-                refcounts.refcount_table, REFT_OFFSET_MASK, offset, end):
+        if "refcount-block" in enabled and self._refcount_blocks_overlap(offset, end):
             return "refcount block"
         if "snapshot-table" in enabled and _hits(offset, end, h.snapshots_offset,
                                                  self.snapshots_size):
@@ -826,10 +844,15 @@ class Qcow2Driver(BlockDriver):
     async def _read_old(self, cluster_offset: int, l2_entry: int, start: int, end: int) -> bytes:
         """Guest bytes ``[start, end)`` of one cluster as mapped by its old entry (for COW)."""
         out = bytearray(end - start)
-        for seg in self._segments(start, end - start, [(l2_entry, 0)]):
-            a = seg.guest_offset - start
-            await self._read_segment(seg, memoryview(out)[a : a + seg.length])
+        await self._read_old_into(memoryview(out), l2_entry, start)
         return bytes(out)
+
+    async def _read_old_into(self, view: memoryview, l2_entry: int, start: int) -> None:
+        """Read the guest bytes at ``start`` (inside one cluster, mapped by its old entry)
+        into ``view``."""
+        for seg in self._segments(start, len(view), [(l2_entry, 0)]):
+            a = seg.guest_offset - start
+            await self._read_segment(seg, view[a : a + seg.length])
 
     async def pwritev(self, offset: int, buf: memoryview, flags: RequestFlags) -> None:
         self._check_usable()
@@ -936,16 +959,28 @@ class Qcow2Driver(BlockDriver):
             if kind == "inplace":
                 await self._file.pwritev(host + (lo - run_start), piece)
                 continue
-            cow = False
-            if lo > run_start:
-                head = await self._read_old(run_start, entries[first], run_start, lo)
-                await self._file.pwritev(host, memoryview(head))
-                cow = True
-            await self._file.pwritev(host + (lo - run_start), piece)
-            if hi < run_end:
-                tail = await self._read_old(run_end - cs, entries[first + count - 1], hi, run_end)
-                await self._file.pwritev(host + (hi - run_start), memoryview(tail))
-                cow = True
+            cow = lo > run_start or hi < run_end
+            if cow and count * cs <= _MERGE_COW_MAX:
+                # QEMU's merge_cow: the COW head, the new data and the COW tail of a small
+                # run go out in one write (one syscall instead of three). Ordering is the same:
+                # all of it lands before the L2 entry below.
+                merged = memoryview(bytearray(run_end - run_start))
+                if lo > run_start:
+                    await self._read_old_into(merged[: lo - run_start], entries[first], run_start)
+                merged[lo - run_start : hi - run_start] = piece
+                if hi < run_end:
+                    await self._read_old_into(merged[hi - run_start :],
+                                              entries[first + count - 1], hi)
+                await self._file.pwritev(host, merged)
+            else:
+                if lo > run_start:
+                    head = await self._read_old(run_start, entries[first], run_start, lo)
+                    await self._file.pwritev(host, memoryview(head))
+                await self._file.pwritev(host + (lo - run_start), piece)
+                if hi < run_end:
+                    tail = await self._read_old(run_end - cs, entries[first + count - 1], hi,
+                                                run_end)
+                    await self._file.pwritev(host + (hi - run_start), memoryview(tail))
             if cow:
                 self.l2_cache.set_depends_on_flush()
             await self._l2_depends_on_refcounts()
