@@ -23,6 +23,7 @@ from blockgraph.export.nbd.protocol import (
 from blockgraph.graph.node import Node
 
 _ALLOCATED = BlockStatusFlags.DATA | BlockStatusFlags.ZERO | BlockStatusFlags.ALLOCATED
+_NOT_EOF = ~BlockStatusFlags.EOF  # computed once: IntFlag arithmetic runs in Python
 _EXTENT_MAX = 0xFFFFFFFF
 
 
@@ -54,7 +55,7 @@ async def chain_status(top: Node, offset: int, length: int) -> ChainStatus:
     if status.length == 0:
         return ChainStatus(BlockStatusFlags.ZERO, length, 0)
     if status.flags & _ALLOCATED:
-        return ChainStatus(status.flags & ~BlockStatusFlags.EOF, status.length, 1)
+        return ChainStatus(status.flags & _NOT_EOF, status.length, 1)
     length = status.length
     depth = 1
     node = top
@@ -73,7 +74,7 @@ async def chain_status(top: Node, offset: int, length: int) -> ChainStatus:
             # as allocated at its depth.
             return ChainStatus(BlockStatusFlags.ZERO | BlockStatusFlags.ALLOCATED, length, depth)
         if status.flags & _ALLOCATED:
-            return ChainStatus(status.flags & ~BlockStatusFlags.EOF, status.length, depth)
+            return ChainStatus(status.flags & _NOT_EOF, status.length, depth)
         length = status.length
 
 
