@@ -277,6 +277,10 @@ class _Client:
                 break
             # No flush here: replies queued while parsing (errors for invalid requests) go
             # out with the next flush, at the latest before the next read (NeedData above).
+            # But no new request starts while the socket is backed up: that would only pile
+            # more replies into the transport's buffer (copies, memory). drain() returns at
+            # once when the transport is not paused.
+            await self.drain()
         self.flush()
 
     def _request_done(self, task: asyncio.Task[None]) -> None:
@@ -307,9 +311,16 @@ class _Client:
         except Exception:
             self.log.exception("request %d failed", request.command)
             self.conn.reply_error(request.cookie, P.EIO, _FAILURE_TEXT[request.command])
-        # Back-pressure is the read loop's: it drains before reading more requests, so at most
-        # MAX_REQUESTS replies are ever buffered, as when each request drained on its own.
-        self._schedule_flush()
+        if request.command == P.CMD_READ and request.length >= _JOIN_LIMIT:
+            # A big reply goes out at once, and the request keeps its slot until the socket
+            # took it: piling several into the transport's buffer costs copies and memory
+            # (nbdcopy's 256 KiB reads: ~25 % more CPU when deferred).
+            self.flush()
+            await self.drain()
+        else:
+            # Small replies of the requests that complete in this loop iteration leave in one
+            # write. Back-pressure is the read loop's: it drains before reading more requests.
+            self._schedule_flush()
 
     async def _read(self, export: NBDExport, request: P.Request) -> None:
         bb = export.backend
