@@ -546,7 +546,7 @@ class Qcow2Driver(BlockDriver):
         if "snapshot-table" in enabled and _hits(offset, end, h.snapshots_offset,
                                                  self.snapshots_size):
             return "snapshot table"
-        if "inactive-l1" in enabled and any(
+        if "inactive-l1" in enabled and self.snapshots and any(
                 _hits(offset, end, sn.l1_table_offset, sn.l1_size * L1E_SIZE)
                 for sn in self.snapshots):
             return "inactive L1 table"
@@ -760,17 +760,24 @@ class Qcow2Driver(BlockDriver):
         without taking the lock is the same as taking it, reading and releasing it: no other
         coroutine runs in between (the general path holds the lock for just that).
         """
+        if self._lock.locked():
+            return None
+        return self._l2_entry_if_cached(offset, length)
+
+    def _l2_entry_if_cached(self, offset: int, length: int) -> int | None:
+        """:meth:`_cached_l2_entry` for a caller that holds the metadata lock."""
         cs = self.cluster_size
-        if (self.extended_l2 or length <= 0 or (offset & (cs - 1)) + length > cs
-                or self._lock.locked()):
+        if self.extended_l2 or length <= 0 or (offset & (cs - 1)) + length > cs:
             return None
         cluster = offset >> self.cluster_bits
         l1_index = cluster >> self.l2_bits
         if l1_index >= len(self.l1_table):
-            return None
+            return 0  # no L2 table: unallocated, as _l2_entries says
         l2_offset = self.l1_table[l1_index] & L1E_OFFSET_MASK
-        if not l2_offset or l2_offset & (cs - 1):
-            return None  # unallocated table, or the corruption the general path reports
+        if not l2_offset:
+            return 0
+        if l2_offset & (cs - 1):
+            return None  # the corruption the general path reports
         table = self.l2_cache.lookup(l2_offset)
         if table is None:
             return None
@@ -783,14 +790,18 @@ class Qcow2Driver(BlockDriver):
         entry = self._cached_l2_entry(offset, total)
         if entry is not None and not entry & QCOW_OFLAG_COMPRESSED:
             # Fast path for a read inside one cluster (every 4 KiB read of an NBD client):
-            # what _segments would make of one normal or zero entry, without building it.
-            # Unallocated (backing) and compressed clusters take the general path.
+            # what _segments and _read_segment make of one normal, zero or unallocated entry
+            # without a backing file, without building segments. Compressed clusters and
+            # reads from a backing file take the general path.
             if entry & QCOW_OFLAG_ZERO:
                 _fill_zero(buf)
                 return
             if entry & L2E_OFFSET_MASK:
                 host = (entry & L2E_OFFSET_MASK) + (offset & (self.cluster_size - 1))
                 await self._file.preadv(host, buf)
+                return
+            if self.backing is None:
+                _fill_zero(buf)  # unallocated without a backing file reads as zeroes
                 return
         pos = 0
         while pos < total:
@@ -903,13 +914,23 @@ class Qcow2Driver(BlockDriver):
 
     async def pwritev(self, offset: int, buf: memoryview, flags: RequestFlags) -> None:
         self._check_usable()
-        if flags & RequestFlags.COMPRESSED:
+        if flags and flags & RequestFlags.COMPRESSED:
             await self._write_compressed(offset, buf)
             return
-        pos = 0
         total = len(buf)
+        pos = 0
         async with self._lock:
             self._discard_type = "other"
+            entry = self._l2_entry_if_cached(offset, total)
+            if (entry is not None and entry & QCOW_OFLAG_COPIED and entry & L2E_OFFSET_MASK
+                    and not entry & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)):
+                # Fast path: a write inside one allocated cluster with refcount 1 is the
+                # general path's "inplace" run (overlap check of the cluster, then the data),
+                # with no metadata to change. The entry is read under the lock.
+                host = entry & L2E_OFFSET_MASK
+                await self._overlap_check(host, self.cluster_size)
+                await self._file.pwritev(host + (offset & (self.cluster_size - 1)), buf)
+                return
             while pos < total:
                 cur = offset + pos
                 l1_index, l2_index, nb = self._split(cur, total - pos)
