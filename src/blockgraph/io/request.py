@@ -16,6 +16,7 @@ import asyncio
 import errno
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from blockgraph.drivers.base import (
     BlockDriver,
@@ -24,8 +25,10 @@ from blockgraph.drivers.base import (
     NodeFlags,
     RequestFlags,
 )
-from blockgraph.drivers.bitmap import DirtyBitmap
 from blockgraph.errors import IOFailure
+
+if TYPE_CHECKING:
+    from blockgraph.drivers.bitmap import DirtyBitmap
 
 # Bounce buffers for zero writes that the driver cannot do natively are written in pieces of
 # this size, so a huge write_zeroes does not allocate a huge buffer.
