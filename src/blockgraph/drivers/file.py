@@ -8,12 +8,10 @@ through page-aligned buffers, since Python buffers have no alignment guarantee.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from blockgraph.drivers.base import (
     BlockDriver,
@@ -30,11 +28,23 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+if TYPE_CHECKING:
+    import ctypes
+
+# libc's fallocate(2), bound on first use: ctypes costs start-up time, and
+# ctypes.util.find_library("c") runs ``ldconfig -p`` in a subprocess (~15 ms CPU, more wall
+# time, at every tool start). dlopen(NULL) gives the libc the interpreter already runs on.
+_libc: ctypes.CDLL | None = None
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    import ctypes
+
+    global _libc
+    if _libc is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        _libc = libc
     if _libc.fallocate(fd, mode, offset, length) != 0:
         raise IOFailure(ctypes.get_errno())
 
