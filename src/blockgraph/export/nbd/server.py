@@ -200,6 +200,7 @@ class _Client:
         self.task: asyncio.Task[Any] | None = None
         self._flush_scheduled = False
         self._slot_waiter: asyncio.Future[None] | None = None
+        self._big_reply_lock = asyncio.Lock()
 
     def flush(self) -> None:
         self._flush_scheduled = False
@@ -244,17 +245,19 @@ class _Client:
         self.flush()
         await self.drain()
         while True:
+            if len(self.tasks) >= MAX_REQUESTS:
+                # Checked before parsing, not only before reading: requests already buffered
+                # (nbdcopy sends 64 at once) would otherwise all start, each with its buffer.
+                # One future that the next finishing request completes: cheaper than
+                # asyncio.wait(), which adds and removes a callback on every task each time.
+                self._slot_waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._slot_waiter
+                finally:
+                    self._slot_waiter = None
+                continue
             event = self.conn.next_event()
             if isinstance(event, P.NeedData):
-                if len(self.tasks) >= MAX_REQUESTS:
-                    # One future that the next finishing request completes: cheaper than
-                    # asyncio.wait(), which adds and removes a callback on every task each time.
-                    self._slot_waiter = asyncio.get_running_loop().create_future()
-                    try:
-                        await self._slot_waiter
-                    finally:
-                        self._slot_waiter = None
-                    continue
                 self.flush()
                 await self.drain()
                 try:
@@ -312,10 +315,8 @@ class _Client:
             self.log.exception("request %d failed", request.command)
             self.conn.reply_error(request.cookie, P.EIO, _FAILURE_TEXT[request.command])
         if request.command == P.CMD_READ and request.length >= _JOIN_LIMIT:
-            # A big reply goes out at once, and the request keeps its slot until the socket
-            # took it: piling several into the transport's buffer costs copies and memory
-            # (nbdcopy's 256 KiB reads: ~25 % more CPU when deferred).
-            self.flush()
+            # A big reply went out in _read; the request keeps its slot until the socket
+            # took it.
             await self.drain()
         else:
             # Small replies of the requests that complete in this loop iteration leave in one
@@ -356,7 +357,17 @@ class _Client:
             await bb.preadv(request.offset, buf)
             if request.length:
                 pieces.append((request.offset, buf))
-        self.conn.reply_read(request.cookie, request.offset, pieces)
+        if request.length < _JOIN_LIMIT:
+            self.conn.reply_read(request.cookie, request.offset, pieces)
+            return
+        # A big reply is queued and written only once the transport has room, one at a time:
+        # asyncio copies whatever the socket does not take at once into its buffer, and with
+        # every finished read writing there at once, that buffer grew to tens of MiB (nbdcopy:
+        # ~30 MiB of 80) and cost a copy per reply.
+        async with self._big_reply_lock:
+            await self.drain()
+            self.conn.reply_read(request.cookie, request.offset, pieces)
+            self.flush()
 
     async def _write(self, export: NBDExport, request: P.Request) -> None:
         assert request.data is not None
