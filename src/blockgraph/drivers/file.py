@@ -92,6 +92,12 @@ class FileDriver(BlockDriver):
     def __init__(self) -> None:
         self.fd = -1
         self.path = ""
+        # The file's size as this driver last saw or made it (None: ask fstat). QEMU caches it
+        # the same way (total_sectors): every request checks it several times on its way down
+        # (BlockBackend, raw's node, block status), and an fstat each time was ~10 % of an NBD
+        # 4 KiB read. Kept up to date by our writes, truncates and zero writes; forgotten
+        # after any failure and on reopen.
+        self._size: int | None = None
         self.flags = NodeFlags()
         self.request_alignment = 1
         self._pending: tuple[int, int] | None = None  # (fd, alignment) prepared by reopen
@@ -134,6 +140,7 @@ class FileDriver(BlockDriver):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+            self._size = None
 
     def filename(self) -> str | None:
         return self.path
@@ -142,7 +149,15 @@ class FileDriver(BlockDriver):
         return {"filename": self.path}
 
     def getlength(self) -> int:
-        return os.fstat(self.fd).st_size
+        size = self._size
+        if size is None:
+            size = self._size = os.fstat(self.fd).st_size
+        return size
+
+    def _grown_to(self, end: int) -> None:
+        # A successful write up to ``end`` extends the file to at least there.
+        if self._size is not None and end > self._size:
+            self._size = end
 
     # -- data path ----------------------------------------------------------------------------
 
@@ -193,12 +208,15 @@ class FileDriver(BlockDriver):
             try:
                 done += os.pwritev(self.fd, [buf[done:]], offset + done)
             except OSError as exc:
+                self._size = None  # a partial write may have extended the file
                 raise IOFailure(exc.errno or errno.EIO) from exc
+        self._grown_to(offset + done)
 
     async def pwrite_zeroes(self, offset: int, length: int, flags: RequestFlags) -> None:
         size = self.getlength()
         if offset >= size:
             # Beyond the end, growing the file is enough: the new range reads as zeroes.
+            self._size = None
             os.ftruncate(self.fd, offset + length)
             return
         mode = (
@@ -206,6 +224,8 @@ class FileDriver(BlockDriver):
             if flags & RequestFlags.MAY_UNMAP
             else _FALLOC_FL_ZERO_RANGE
         )
+        # FALLOC_FL_ZERO_RANGE without KEEP_SIZE extends a file it runs past the end of.
+        self._size = None
         try:
             _fallocate(self.fd, mode, offset, length)
         except IOFailure as exc:
@@ -227,6 +247,7 @@ class FileDriver(BlockDriver):
             raise IOFailure(exc.errno or errno.EIO) from exc
 
     async def truncate(self, length: int) -> None:
+        self._size = None
         try:
             os.ftruncate(self.fd, length)
         except OSError as exc:
@@ -258,6 +279,7 @@ class FileDriver(BlockDriver):
         if self._pending is not None:
             os.close(self.fd)
             self.fd, self.request_alignment = self._pending
+            self._size = None
             self._pending = None
 
     def reopen_abort(self) -> None:
