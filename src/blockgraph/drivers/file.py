@@ -49,6 +49,10 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise IOFailure(ctypes.get_errno())
 
 
+# Block status answers, combined once (IntFlag arithmetic runs in Python).
+_DATA_AT = BlockStatusFlags.DATA | BlockStatusFlags.OFFSET_VALID
+_ZERO_AT = BlockStatusFlags.ZERO | BlockStatusFlags.OFFSET_VALID
+
 # The alignments tried when probing O_DIRECT, smallest first (QEMU tries the same range).
 _PROBE_ALIGNMENTS = (512, 1024, 2048, 4096)
 
@@ -258,15 +262,15 @@ class FileDriver(BlockDriver):
             data = os.lseek(self.fd, offset, os.SEEK_DATA)
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # only a hole until the end
-                return BlockStatus(BlockStatusFlags.ZERO | BlockStatusFlags.OFFSET_VALID, length, offset)
-            return BlockStatus(BlockStatusFlags.DATA | BlockStatusFlags.OFFSET_VALID, length, offset)
+                return BlockStatus(_ZERO_AT, length, offset)
+            return BlockStatus(_DATA_AT, length, offset)
         if data > offset:
             return BlockStatus(
-                BlockStatusFlags.ZERO | BlockStatusFlags.OFFSET_VALID, min(length, data - offset), offset
+                _ZERO_AT, min(length, data - offset), offset
             )
         hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
         return BlockStatus(
-            BlockStatusFlags.DATA | BlockStatusFlags.OFFSET_VALID, min(length, hole - offset), offset
+            _DATA_AT, min(length, hole - offset), offset
         )
 
     # -- reopen ---------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from blockgraph.errors import EINVAL, ENOTSUP, BlockError, IOFailure
 from blockgraph.options.schema import OptionSpec, OptType, opt
 
 SECTOR_SIZE = 512
+_OFFSET_VALID = int(BlockStatusFlags.OFFSET_VALID)  # tested on int(flags): IntFlag & is slow
 _INT64_MAX = (1 << 63) - 1
 
 
@@ -169,7 +170,7 @@ def attribute_status(status: BlockStatus, child: ChildAccess | None, length: int
     # Built directly: dataclasses.replace() re-inspects the fields on every call, and this runs
     # for every block status query (an NBD read asks one).
     file = status.file
-    if file is None and status.flags & BlockStatusFlags.OFFSET_VALID:
+    if file is None and int(status.flags) & _OFFSET_VALID:
         file = child
     if file is not status.file or status.length > length:
         status = BlockStatus(status.flags, min(status.length, length), status.offset, file)

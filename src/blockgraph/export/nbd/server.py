@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # Requests of one connection in flight at once (QEMU's NBD_MAX_REQUESTS... is 16).
 MAX_REQUESTS = 16
 _READ_SIZE = 256 * 1024
+_ZERO = int(BlockStatusFlags.ZERO)
 # Reply buffers below this size are joined before they are written (see _Client.flush).
 _JOIN_LIMIT = 64 * 1024
 
@@ -340,7 +341,7 @@ class _Client:
                     return
                 n = min(status.length, request.length - pos)
                 offset = request.offset + pos
-                if status.flags & BlockStatusFlags.ZERO:
+                if int(status.flags) & _ZERO:  # int: IntFlag's & runs in Python
                     if pieces and isinstance(pieces[-1][1], int):
                         pieces[-1] = (pieces[-1][0], int(pieces[-1][1]) + n)
                     else:
