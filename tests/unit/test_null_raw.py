@@ -238,3 +238,13 @@ def test_raw_reopen() -> None:
     drv.reopen_abort()
     drv.reopen_commit()
     assert (drv.offset, drv.size) == (0, 4096)
+
+
+def test_probing_drivers_are_those_that_implement_probe() -> None:
+    # probe_format only imports and asks these; a driver with its own probe() must be listed.
+    from blockgraph.drivers.base import BlockDriver
+    from blockgraph.drivers.registry import PROBING_DRIVERS, driver_names, get_driver
+
+    implementing = {name for name in driver_names()
+                    if get_driver(name).probe.__func__ is not BlockDriver.probe.__func__}  # type: ignore[attr-defined]
+    assert implementing == set(PROBING_DRIVERS)

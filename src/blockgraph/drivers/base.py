@@ -141,6 +141,21 @@ class ChildAccess(Protocol):
     async def block_status(self, offset: int, length: int) -> BlockStatus: ...
 
 
+async def fire_debug_event(child: ChildAccess | None, event: str) -> None:
+    """Fire ``event`` at ``child``'s node, for a parent driver (QEMU's ``BLKDBG_EVENT``).
+
+    Only child views that implement ``debug_event`` (a blkdebug node below) react; for all others
+    this does nothing, as events do in QEMU on nodes without a handler. It lives here rather
+    than in the blkdebug module so that raw, which fires events on every request, does not
+    import blkdebug at start-up.
+    """
+    if child is None:
+        return
+    handler = getattr(child, "debug_event", None)
+    if handler is not None:
+        await handler(event)
+
+
 class OpenContext(Protocol):
     """What a driver may ask of the graph while it is being opened."""
 

@@ -17,7 +17,7 @@ The rules below are what QEMU 7.2 does, observed with ``qemu-io`` (see the tests
   being written (``pwritev``, ``pwritev_zero``, ``pwritev_done``) and on a node's primary child
   around flushes (``flush_to_os``, ``flush_to_disk``). A request on a blkdebug node does not fire
   ``read_aio`` itself: ``driver=blkdebug`` at the top with a ``read_aio`` rule reads fine in QEMU.
-  :func:`fire_debug_event` is how a driver fires an event at a child.
+  :func:`~blockgraph.drivers.base.fire_debug_event` is how a driver fires an event at a child.
 """
 
 from __future__ import annotations
@@ -441,19 +441,6 @@ def _permission_list(name: str, options: Mapping[str, Any]) -> tuple[str, ...]:
             raise OptionError(f"Parameter 'null' does not accept value '{item}'")
         perms.append(item)
     return tuple(perms)
-
-
-async def fire_debug_event(child: ChildAccess | None, event: str) -> None:
-    """Fire ``event`` at ``child``'s node, for a parent driver (QEMU's ``BLKDBG_EVENT``).
-
-    Only child views that implement ``debug_event`` (a blkdebug node below) react; for all others
-    this does nothing, as events do in QEMU on nodes without a handler.
-    """
-    if child is None:
-        return
-    handler = getattr(child, "debug_event", None)
-    if handler is not None:
-        await handler(event)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ turn it into another format). The driver cannot tell that it was probed; the gra
 
 from __future__ import annotations
 
-import dataclasses
 import errno as _errno
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -25,12 +24,13 @@ from blockgraph.drivers.base import (
     OpenContext,
     PreallocMode,
     RequestFlags,
+    fire_debug_event,
 )
-from blockgraph.drivers.blkdebug import fire_debug_event
 from blockgraph.errors import EINVAL, ENOTSUP, BlockError, IOFailure
 from blockgraph.options.schema import OptionSpec, OptType, opt
 
 SECTOR_SIZE = 512
+_OFFSET_VALID = int(BlockStatusFlags.OFFSET_VALID)  # tested on int(flags): IntFlag & is slow
 _INT64_MAX = (1 << 63) - 1
 
 
@@ -168,8 +168,11 @@ def attribute_status(status: BlockStatus, child: ChildAccess | None, length: int
     ``file=None`` with a valid offset means "the node that answered"; once the answer is passed
     up, that node must be named, and the length must not run past what the parent asked.
     """
-    if status.file is None and status.flags & BlockStatusFlags.OFFSET_VALID:
-        status = dataclasses.replace(status, file=child)
-    if status.length > length:
-        status = dataclasses.replace(status, length=length)
+    # Built directly: dataclasses.replace() re-inspects the fields on every call, and this runs
+    # for every block status query (an NBD read asks one).
+    file = status.file
+    if file is None and int(status.flags) & _OFFSET_VALID:
+        file = child
+    if file is not status.file or status.length > length:
+        status = BlockStatus(status.flags, min(status.length, length), status.offset, file)
     return status

@@ -16,6 +16,7 @@ import asyncio
 import errno
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from blockgraph.drivers.base import (
     MAX_LENGTH,
@@ -26,8 +27,10 @@ from blockgraph.drivers.base import (
     PreallocMode,
     RequestFlags,
 )
-from blockgraph.drivers.bitmap import DirtyBitmap
 from blockgraph.errors import IOFailure
+
+if TYPE_CHECKING:
+    from blockgraph.drivers.bitmap import DirtyBitmap
 
 # Bounce buffers for zero writes that the driver cannot do natively are written in pieces of
 # this size, so a huge write_zeroes does not allocate a huge buffer.
@@ -50,12 +53,17 @@ class NodeStats:
     zero_operations: int = 0
 
 
-@dataclass
 class _Tracked:
-    start: int
-    end: int
-    serialising: bool
-    done: asyncio.Event
+    """A request in flight on a node. Compared by identity (``list.remove`` must not call a
+    field-by-field ``__eq__``); the event is made only when another request waits on it."""
+
+    __slots__ = ("start", "end", "serialising", "done")
+
+    def __init__(self, start: int, end: int, serialising: bool) -> None:
+        self.start = start
+        self.end = end
+        self.serialising = serialising
+        self.done: asyncio.Event | None = None
 
 
 def _overlaps(a_start: int, a_end: int, b_start: int, b_end: int) -> bool:
@@ -74,6 +82,9 @@ class IONode:
         self.flags = flags
         self.stats = NodeStats()
         self._in_flight: list[_Tracked] = []
+        # How many of them serialise (read-modify-write): while none does, an aligned request
+        # cannot be blocked and skips the overlap scan.
+        self._serialising = 0
         # blkdebug listens to the request layer's events (QEMU's bdrv_debug_event); looked up
         # once so that other drivers pay nothing per request.
         self._debug_event: Callable[[str], Awaitable[None]] | None = getattr(driver, "debug_event", None)
@@ -103,6 +114,11 @@ class IONode:
     async def _begin(self, start: int, end: int, serialising: bool) -> _Tracked:
         # A read-modify-write must not interleave with another request on the same aligned
         # blocks, or one of them would write back stale data.
+        if serialising or self._serialising:
+            await self._wait_overlapping(start, end, serialising)
+        return self._track(start, end, serialising)
+
+    async def _wait_overlapping(self, start: int, end: int, serialising: bool) -> None:
         while True:
             blocker = next(
                 (
@@ -113,15 +129,24 @@ class IONode:
                 None,
             )
             if blocker is None:
-                break
+                return
+            if blocker.done is None:
+                blocker.done = asyncio.Event()
             await blocker.done.wait()
-        tracked = _Tracked(start, end, serialising, asyncio.Event())
+
+    def _track(self, start: int, end: int, serialising: bool) -> _Tracked:
+        tracked = _Tracked(start, end, serialising)
         self._in_flight.append(tracked)
+        if serialising:
+            self._serialising += 1
         return tracked
 
     def _end(self, tracked: _Tracked) -> None:
         self._in_flight.remove(tracked)
-        tracked.done.set()
+        if tracked.serialising:
+            self._serialising -= 1
+        if tracked.done is not None:
+            tracked.done.set()
 
     # -- checks -----------------------------------------------------------------------------
 
@@ -181,22 +206,28 @@ class IONode:
         tail = -end % align
         if self.write_threshold and end + tail > self.write_threshold:
             self.write_threshold_exceeded(end + tail)
-        native = flags & self.driver.supported_write_flags
+        # Flag arithmetic on IntFlag runs in Python: skipped when there are no flags at all.
+        native = flags & self.driver.supported_write_flags if flags else flags
         if self._debug_event is not None:
             await self._debug_event("pwritev")
         if length:
             if head == 0 and tail == 0:
-                tracked = await self._begin(offset, end, serialising=False)
+                # Aligned: only waits when a read-modify-write is in flight (see _begin).
+                if self._serialising:
+                    await self._wait_overlapping(offset, end, False)
+                tracked = self._track(offset, end, False)
                 try:
                     await self.driver.pwritev(offset, buf, native)
                 finally:
                     self._end(tracked)
             else:
                 await self._pwritev_unaligned(offset, buf, head, tail, native)
-            self._mark_dirty(offset, length)
+            if self.dirty_bitmaps:
+                self._mark_dirty(offset, length)
         if self._debug_event is not None:
             await self._debug_event("pwritev_done")
-        await self._emulate_fua(flags)
+        if flags:
+            await self._emulate_fua(flags)
 
     async def _pwritev_unaligned(
         self, offset: int, buf: memoryview, head: int, tail: int, flags: RequestFlags

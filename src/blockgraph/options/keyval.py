@@ -24,7 +24,6 @@ from collections.abc import Mapping
 from typing import TypeAlias
 
 from blockgraph.errors import OptionError
-from blockgraph.options.qjson import parse_json
 
 __all__ = [
     "crumple",
@@ -252,6 +251,8 @@ def parse_blockdev(text: str) -> dict[str, object]:
         them (``JSON parse error, ...``, ``Expecting at most one JSON value``).
     """
     if text.startswith("{"):
+        from blockgraph.options.qjson import parse_json  # only for JSON values: lazy
+
         value = parse_json(text)
         assert isinstance(value, dict)  # a '{'-led single value is always an object
         return flatten(value)
@@ -270,6 +271,8 @@ def parse_json_filename(filename: str) -> dict[str, object]:
     """
     if not filename.startswith(JSON_PREFIX):
         raise ValueError(f"not a json: filename: {filename!r}")
+    from blockgraph.options.qjson import parse_json  # only for json: names: lazy
+
     try:
         value = parse_json(filename[len(JSON_PREFIX):])
     except OptionError as err:

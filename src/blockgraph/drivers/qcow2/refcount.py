@@ -83,7 +83,10 @@ class Refcounts:
         self.refcount_block_bits = cluster_bits + 3 - refcount_order
         self.refcount_block_size = 1 << self.refcount_block_bits
         self.refcount_table_offset = refcount_table_offset
-        self.refcount_table = refcount_table
+        # Bumped whenever the table changes, so that the overlap check can keep the sorted
+        # block offsets instead of comparing the whole table (thousands of entries) per write.
+        self.table_version = 0
+        self._refcount_table = refcount_table
         self.free_cluster_index = 0
         # Where the next compressed cluster may start (inside a partly used host cluster); 0 = none.
         self.free_byte_offset = 0
@@ -91,6 +94,21 @@ class Refcounts:
         self.on_free: Callable[[int, int], None] | None = None
         # The L2 cache, set by the driver: decrements depend on it.
         self.l2_cache: Qcow2Cache | None = None
+
+    @property
+    def refcount_table(self) -> list[int]:
+        """The refcount table's entries. Replace it by assignment or change one entry with
+        :meth:`set_table_entry`; never mutate the list in place (see ``table_version``)."""
+        return self._refcount_table
+
+    @refcount_table.setter
+    def refcount_table(self, table: list[int]) -> None:
+        self._refcount_table = table
+        self.table_version += 1
+
+    def set_table_entry(self, table_index: int, value: int) -> None:
+        self._refcount_table[table_index] = value
+        self.table_version += 1
 
     @property
     def refcount_table_size(self) -> int:
@@ -266,7 +284,7 @@ class Refcounts:
             memoryview(struct.pack(">Q", new_block)),
         )
         await self.file.flush()
-        self.refcount_table[table_index] = new_block
+        self.set_table_entry(table_index, new_block)
         raise RefcountAgain()
 
     async def _grow_refcount_table(self, table_index: int) -> None:

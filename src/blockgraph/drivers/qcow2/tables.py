@@ -133,6 +133,14 @@ class Qcow2Cache:
     def peek(self, offset: int) -> bytearray | None:
         return self.tables.get(offset)
 
+    def lookup(self, offset: int) -> bytearray | None:
+        """The table if it is cached (marked most recently used, as :meth:`get` does), else
+        None: a lookup that never waits."""
+        table = self.tables.get(offset)
+        if table is not None:
+            self.tables.move_to_end(offset)
+        return table
+
     def mark_dirty(self, offset: int) -> None:
         self.dirty.add(offset)
 

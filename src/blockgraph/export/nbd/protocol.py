@@ -517,9 +517,7 @@ class ServerConnection:
         if self.expect is Expect.REQUEST_HEADER:
             return self._on_request_header(self._take(EXPECT_SIZE[Expect.REQUEST_HEADER]))
         if self.expect is Expect.WRITE_PAYLOAD:
-            data = bytes(self._in)
-            self._in.clear()
-            return self._fill_payload(memoryview(data))
+            return self._fill_payload_buffered()
         return None
 
     # -- handshake ----------------------------------------------------------------------------
@@ -781,6 +779,24 @@ class ServerConnection:
         self._filled += n
         if n < len(data):
             self._in += data[n:]
+        if self._filled == request.length:
+            return self._payload_done()
+        return None
+
+    def _fill_payload_buffered(self) -> Event | None:
+        # The payload's start arrived with its header: copy it once, straight from the input
+        # buffer, and keep what follows it (more requests) where it is. Copying the whole
+        # buffer out and the rest back in cost O(buffer) per request.
+        request = self._pending
+        assert request is not None and request.data is not None
+        n = min(len(self._in), request.length - self._filled)
+        view = memoryview(self._in)
+        try:
+            request.data[self._filled : self._filled + n] = view[:n]
+        finally:
+            view.release()
+        del self._in[:n]
+        self._filled += n
         if self._filled == request.length:
             return self._payload_done()
         return None

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 # Requests of one connection in flight at once (QEMU's NBD_MAX_REQUESTS... is 16).
 MAX_REQUESTS = 16
 _READ_SIZE = 256 * 1024
+_ZERO = int(BlockStatusFlags.ZERO)
+# Reply buffers below this size are joined before they are written (see _Client.flush).
+_JOIN_LIMIT = 64 * 1024
 
 
 @dataclass
@@ -213,13 +216,42 @@ class _Client:
         self.tasks: set[asyncio.Task[None]] = set()
         self.broken = False
         self.task: asyncio.Task[Any] | None = None
+        self._flush_scheduled = False
+        self._slot_waiter: asyncio.Future[None] | None = None
+        self._big_reply_lock = asyncio.Lock()
 
     def flush(self) -> None:
+        self._flush_scheduled = False
         if self.broken or self.writer.is_closing():
             self.conn.data_to_send()
             return
+        # Small buffers (reply headers, 4 KiB reads, the replies of every request that
+        # completed in this loop iteration) are joined into one write: each write() is a
+        # send() syscall when the socket is not backed up. Big payloads go out as they are,
+        # so they are not copied.
+        batch: list[bytes | bytearray | memoryview] = []
+        size = 0
         for buf in self.conn.data_to_send():
-            self.writer.write(buf)
+            n = len(buf)
+            if n >= _JOIN_LIMIT:
+                if batch:
+                    self.writer.write(b"".join(batch) if len(batch) > 1 else batch[0])
+                    batch, size = [], 0
+                self.writer.write(buf)
+                continue
+            batch.append(buf)
+            size += n
+            if size >= _JOIN_LIMIT:
+                self.writer.write(b"".join(batch))
+                batch, size = [], 0
+        if batch:
+            self.writer.write(b"".join(batch) if len(batch) > 1 else batch[0])
+
+    def _schedule_flush(self) -> None:
+        # Replies of requests that complete in the same loop iteration leave in one write.
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
 
     async def drain(self) -> None:
         try:
@@ -231,11 +263,19 @@ class _Client:
         self.flush()
         await self.drain()
         while True:
+            if len(self.tasks) >= MAX_REQUESTS:
+                # Checked before parsing, not only before reading: requests already buffered
+                # (nbdcopy sends 64 at once) would otherwise all start, each with its buffer.
+                # One future that the next finishing request completes: cheaper than
+                # asyncio.wait(), which adds and removes a callback on every task each time.
+                self._slot_waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._slot_waiter
+                finally:
+                    self._slot_waiter = None
+                continue
             event = self.conn.next_event()
             if isinstance(event, P.NeedData):
-                if len(self.tasks) >= MAX_REQUESTS:
-                    await asyncio.wait(self.tasks, return_when=asyncio.FIRST_COMPLETED)
-                    continue
                 self.flush()
                 await self.drain()
                 try:
@@ -249,9 +289,9 @@ class _Client:
                 self.log.debug("transmission on export %r (structured=%s, contexts=%s)",
                                event.export.name, event.structured, event.contexts)
             elif isinstance(event, P.Request):
-                task = asyncio.ensure_future(self._request(event))
+                task = asyncio.get_running_loop().create_task(self._request(event))
                 self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+                task.add_done_callback(self._request_done)
             elif isinstance(event, P.StartTLS):
                 self.flush()
                 await self.drain()
@@ -261,7 +301,11 @@ class _Client:
                 if event.reason is not None:
                     self.log.warning("Disconnect client, due to: %s", event.reason)
                 break
-            self.flush()
+            # No flush here: replies queued while parsing (errors for invalid requests) go
+            # out with the next flush, at the latest before the next read (NeedData above).
+            # But no new request starts while the socket is backed up: that would only pile
+            # more replies into the transport's buffer (copies, memory). drain() returns at
+            # once when the transport is not paused.
             await self.drain()
         self.flush()
 
@@ -291,6 +335,12 @@ class _Client:
         self.conn.tls_established()
         return True
 
+    def _request_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        waiter = self._slot_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     async def close(self) -> None:
         if self.tasks:
             # Outstanding requests finish (and are answered) before the socket closes.
@@ -313,8 +363,14 @@ class _Client:
         except Exception:
             self.log.exception("request %d failed", request.command)
             self.conn.reply_error(request.cookie, P.EIO, _FAILURE_TEXT[request.command])
-        self.flush()
-        await self.drain()
+        if request.command == P.CMD_READ and request.length >= _JOIN_LIMIT:
+            # A big reply went out in _read; the request keeps its slot until the socket
+            # took it.
+            await self.drain()
+        else:
+            # Small replies of the requests that complete in this loop iteration leave in one
+            # write. Back-pressure is the read loop's: it drains before reading more requests.
+            self._schedule_flush()
 
     async def _read(self, export: NBDExport, request: P.Request) -> None:
         bb = export.backend
@@ -333,7 +389,7 @@ class _Client:
                     return
                 n = min(status.length, request.length - pos)
                 offset = request.offset + pos
-                if status.flags & BlockStatusFlags.ZERO:
+                if int(status.flags) & _ZERO:  # int: IntFlag's & runs in Python
                     if pieces and isinstance(pieces[-1][1], int):
                         pieces[-1] = (pieces[-1][0], int(pieces[-1][1]) + n)
                     else:
@@ -350,7 +406,17 @@ class _Client:
             await bb.preadv(request.offset, buf)
             if request.length:
                 pieces.append((request.offset, buf))
-        self.conn.reply_read(request.cookie, request.offset, pieces)
+        if request.length < _JOIN_LIMIT:
+            self.conn.reply_read(request.cookie, request.offset, pieces)
+            return
+        # A big reply is queued and written only once the transport has room, one at a time:
+        # asyncio copies whatever the socket does not take at once into its buffer, and with
+        # every finished read writing there at once, that buffer grew to tens of MiB (nbdcopy:
+        # ~30 MiB of 80) and cost a copy per reply.
+        async with self._big_reply_lock:
+            await self.drain()
+            self.conn.reply_read(request.cookie, request.offset, pieces)
+            self.flush()
 
     async def _write(self, export: NBDExport, request: P.Request) -> None:
         assert request.data is not None

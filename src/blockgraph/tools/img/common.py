@@ -7,7 +7,6 @@ buffers; and qemu-img's progress line (``-p``, and one line on stderr per SIGUSR
 
 from __future__ import annotations
 
-import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -262,26 +261,58 @@ async def chain_status(top: Node, offset: int, length: int, base: Node | None = 
 
 # -- zero detection ---------------------------------------------------------------------------
 
-_NONZERO = re.compile(rb"[^\x00]")
 _ZERO_BUF = bytes(IO_BUF_SIZE)
+
+
+def _span_is_zero(view: memoryview, start: int, end: int) -> bool:
+    # ``bytes.startswith`` with a buffer argument is a plain memcmp against the zero buffer,
+    # without copying the slice; comparing memoryviews goes item by item and is ~50x slower.
+    while start < end:
+        n = min(end - start, IO_BUF_SIZE)
+        if not _ZERO_BUF.startswith(view[start : start + n]):
+            return False
+        start += n
+    return True
+
+
+def _first_nonzero(view: memoryview, start: int, end: int) -> int:
+    """Index of the first non-zero byte of ``view[start:end]``, or ``end``.
+
+    Galloping memcmp probes (512 bytes, doubling) find the block holding the byte, a bisection
+    narrows it down to 64 bytes: a handful of C-speed compares per call, where a regex search
+    walks zero runs one byte at a time.
+    """
+    pos = start
+    step = 512
+    while pos < end:
+        n = min(step, end - pos)
+        if not _ZERO_BUF.startswith(view[pos : pos + n]):
+            lo, hi = pos, pos + n
+            while hi - lo > 64:
+                mid = (lo + hi) // 2
+                if _ZERO_BUF.startswith(view[lo:mid]):
+                    lo = mid
+                else:
+                    hi = mid
+            for i in range(lo, hi):
+                if view[i]:
+                    return i
+            return hi  # pragma: no cover - the probe saw a non-zero byte in [lo, hi)
+        pos += n
+        step = min(step * 2, IO_BUF_SIZE)
+    return end
 
 
 def is_zero(buf: memoryview | bytes | bytearray) -> bool:
     """Whether a buffer is all zeroes (compared in C against a zero buffer)."""
-    n = len(buf)
-    pos = 0
-    while pos < n:
-        m = min(n - pos, IO_BUF_SIZE)
-        if buf[pos : pos + m] != _ZERO_BUF[:m]:
-            return False
-        pos += m
-    return True
+    view = memoryview(buf).cast("B")
+    return _span_is_zero(view, 0, len(view))
 
 
 def first_nonzero(buf: memoryview | bytes | bytearray, start: int = 0) -> int:
     """Index of the first non-zero byte at or after ``start``, or ``len(buf)``."""
-    m = _NONZERO.search(buf, start)
-    return len(buf) if m is None else m.start()
+    view = memoryview(buf).cast("B")
+    return _first_nonzero(view, start, len(view))
 
 
 def first_difference(a: memoryview, b: memoryview) -> int:
@@ -307,13 +338,13 @@ def zero_runs(buf: bytearray | bytes, base: int, start: int, end: int,
     As qemu-img: zeroes at the start of the range form a zero run of any length (whole
     sectors); further on, a zero run is made of whole ``granularity`` blocks aligned in guest
     offsets (``base`` is the guest offset of ``buf[0]``), or reaches ``end``. Runs are found
-    with C-speed searches (``find`` of a zero block, a regex for the next non-zero byte), never
-    a loop per block.
+    with C-speed searches (``find`` of a zero block, memcmp probes for the next non-zero byte),
+    never a loop per block.
     """
     needle = bytes(granularity)
+    view = memoryview(buf)
     pos = search = start
-    m0 = _NONZERO.search(buf, start, end)
-    lead = end if m0 is None else m0.start()
+    lead = _first_nonzero(view, start, end)
     if lead < end:
         lead -= (base + lead) % SECTOR_SIZE
     if lead > start:
@@ -326,8 +357,7 @@ def zero_runs(buf: bytearray | bytes, base: int, start: int, end: int,
         q = z + (-(base + z) % granularity)
         if q >= end:
             break
-        m = _NONZERO.search(buf, q, end)
-        nz = end if m is None else m.start()
+        nz = _first_nonzero(view, q, end)
         zend = end if nz == end else nz - (base + nz) % granularity
         if zend - q >= granularity:
             if q > pos:
