@@ -309,17 +309,24 @@ class _Daemon:
 
     # -- run --------------------------------------------------------------------------------
 
+    async def _abandon(self) -> None:
+        """Startup failed: stop the monitors already serving (nodes stay as they are)."""
+        await self.server.close()
+        self.chardevs.close()
+
     async def run(self, started: Callable[[], None]) -> int:
         for option, value in self.config.actions:
             try:
                 await self.apply(option, value)
             except (BlockError, _Fail) as exc:
                 sys.stderr.write(f"{self.prog}: --{option} {value}: {exc}\n")
+                await self._abandon()
                 return 1
         try:
             self.write_pidfile()
         except _Fail as exc:
             sys.stderr.write(f"{self.prog}: {exc}\n")
+            await self._abandon()
             return 1
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

@@ -356,7 +356,8 @@ async def _quit(mon: QMPMonitor, args: dict[str, Any]) -> object:
 
 
 async def _query_status(mon: QMPMonitor, args: dict[str, Any]) -> object:
-    return {"status": mon.layer.run_state, "singlestep": False, "running": mon.layer.vm_running}
+    # StatusInfo in schema order.
+    return {"running": mon.layer.vm_running, "singlestep": False, "status": mon.layer.run_state}
 
 
 async def _stop(mon: QMPMonitor, args: dict[str, Any]) -> object:

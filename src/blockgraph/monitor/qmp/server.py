@@ -10,6 +10,7 @@ listen backlog until the previous one has gone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -42,6 +43,8 @@ class QMPServer:
         self._chardevs: list[Chardev] = []
         self._loops: set[asyncio.Task[None]] = set()
         self._quitting_writers: list[asyncio.StreamWriter] = []
+        # Descriptors of connections whose client sent quit, left for the process exit.
+        self.held_connections: list[int] = []
         previous = monitor.on_quit
 
         def on_quit() -> None:
@@ -153,7 +156,8 @@ class QMPServer:
         finally:
             if self.monitor.quitting:
                 # As in QEMU, the client that sent quit sees the connection end only when the
-                # process has shut down (close()), not right after the reply.
+                # process exits (see close()), not right after the reply: clients such as
+                # qemu.qmp disconnect cleanly only if they get there first.
                 self._quitting_writers.append(writer)
             else:
                 writer.close()
@@ -210,5 +214,11 @@ class QMPServer:
             chardev.close()
         self._chardevs.clear()
         for writer in self._quitting_writers:
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                # A duplicate of the descriptor keeps the connection open until the process
+                # exits; the operating system closes it then.
+                with contextlib.suppress(OSError):
+                    self.held_connections.append(os.dup(sock.fileno()))
             writer.close()
         self._quitting_writers.clear()
