@@ -1,10 +1,11 @@
 """``blockgraph storage-daemon``: qemu-storage-daemon 7.2's command line.
 
 Options are processed in order, as QEMU does: ``--blockdev`` opens nodes (owned by the
-monitor), ``--chardev socket,path=P,server=on,wait=off,id=X`` and ``--monitor chardev=X`` serve
-QMP on a unix socket, ``--object secret,...`` is accepted, ``--pidfile`` is written once
-everything listens (the "started" signal), ``--daemonize`` returns in the parent only after
-that. ``quit`` or SIGINT/SIGTERM/SIGHUP end the daemon, removing the pid file and the sockets.
+monitor), ``--drive`` (ours, not qemu-storage-daemon's: qemu-system's ``-drive``) makes a named
+BlockBackend, ``--chardev socket,...`` (unix or TCP, see :mod:`blockgraph.monitor.chardev`) or
+``--chardev stdio`` and ``--monitor chardev=X`` serve QMP, ``--object secret,...`` is
+accepted, ``--pidfile`` is written once everything listens (the "started" signal),
+``--daemonize`` returns in the parent only after that. ``quit`` or SIGINT/SIGTERM/SIGHUP end the daemon, removing the pid file and the sockets.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blockgraph.errors import BlockError
+from blockgraph.graph.drive import drive_new
 from blockgraph.graph.layer import BlockLayer
 from blockgraph.monitor.chardev import ChardevError, parse_chardev
 from blockgraph.monitor.qmp import exports
 from blockgraph.monitor.qmp.commands import DRIVERS, QMPMonitor, check_blockdev_options
 from blockgraph.monitor.qmp.server import QMPServer
-from blockgraph.options.keyval import crumple, parse_blockdev, parse_keyval
+from blockgraph.options.keyval import crumple, parse_blockdev, parse_drive_opts, parse_keyval
 from blockgraph.options.qjson import parse_json
 from blockgraph.version import QEMU_VERSION_STRING
 
@@ -80,7 +82,8 @@ _OBJECT_TYPES = ("authz-list", "authz-list-file", "authz-simple", "iothread", "m
                  "tls-creds-x509")
 
 # long option -> takes an argument
-_LONG = {"help": False, "version": False, "trace": True, "blockdev": True, "chardev": True,
+_LONG = {"help": False, "version": False, "trace": True, "blockdev": True, "drive": True,
+         "chardev": True,
          "export": True, "monitor": True, "nbd-server": True, "object": True, "pidfile": True,
          "daemonize": False}
 _SHORT = {"h": "help", "V": "version", "T": "trace"}
@@ -178,6 +181,7 @@ class _Daemon:
     async def apply(self, option: str, value: str) -> None:
         handler: dict[str, Callable[[str], object]] = {
             "blockdev": self._blockdev,
+            "drive": self._drive,
             "chardev": self._chardev,
             "monitor": self._monitor,
             "object": self._object,
@@ -212,6 +216,18 @@ class _Daemon:
             raise BlockError("'node-name' must be specified for the root node")
         node = await self.layer.open_node(None, options)
         self.monitor.owned.add(node.node_name)
+
+    async def _drive(self, value: str) -> None:
+        """``--drive``, a blockgraph addition: qemu-system's ``-drive`` (a named BlockBackend
+        with its rerror/werror policy; an export of it by its id acts as its device)."""
+        warnings: list[str] = []
+        opts = parse_drive_opts(value, warnings)
+        for warning in warnings:
+            sys.stderr.write(f"{self.prog}: --drive {value}: warning: {warning}\n")
+        self.layer.warnings.clear()
+        await drive_new(self.layer, opts)
+        for warning in self.layer.warnings:
+            sys.stderr.write(f"WARNING: {warning}\n")
 
     async def _chardev(self, value: str) -> None:
         try:

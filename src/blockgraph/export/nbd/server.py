@@ -6,6 +6,11 @@ only moves bytes and runs requests. Every export does its I/O through its own
 passing ``RequestFlags.FUA`` for FUA requests. Requests of one connection run concurrently (up
 to :data:`MAX_REQUESTS`) and are answered as they complete. A failing connection is closed and
 logged; the server goes on.
+
+An export may act as the device of a drive (:attr:`NBDExport.device`, a blockgraph addition):
+then a failed request goes through the drive's rerror/werror policy
+(:meth:`~blockgraph.graph.node.BlockBackend.handle_io_error`) before the client hears of it,
+and while the VM is stopped requests wait, the one that stopped it included, to be retried.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ class NBDExport:
     read_only: bool = False
     allocation_depth: bool = False
     bitmaps: list[str] = field(default_factory=list)
+    # The drive this export is the device of (exported by the drive's id): its error policy
+    # applies to failed requests. None for an export of a node: errors go to the client only.
+    device: BlockBackend | None = None
 
     @property
     def root(self) -> Node:
@@ -258,15 +266,40 @@ class _Client:
     async def _request(self, request: P.Request) -> None:
         export = self.export
         assert export is not None
-        try:
-            await COMMAND_HANDLERS[request.command](self, export, request)
-        except IOFailure as exc:
-            self.conn.reply_error(request.cookie, P.errno_to_nbd(exc.errno), _FAILURE_TEXT[request.command])
-        except Exception:
-            self.log.exception("request %d failed", request.command)
-            self.conn.reply_error(request.cookie, P.EIO, _FAILURE_TEXT[request.command])
+        device = export.device
+        while True:
+            if device is not None:
+                # A device does no I/O while the VM is stopped.
+                await device.layer.wait_running()
+            try:
+                await COMMAND_HANDLERS[request.command](self, export, request)
+            except IOFailure as exc:
+                is_read = _POLICY.get(request.command)
+                if device is not None and is_read is not None:
+                    action = device.handle_io_error(is_read, exc.errno)
+                    if action == "stop":
+                        continue  # held until cont, then retried
+                    if action == "ignore":
+                        self._ignored(request)
+                        break
+                self.conn.reply_error(request.cookie, P.errno_to_nbd(exc.errno),
+                                      _FAILURE_TEXT[request.command])
+            except Exception:
+                self.log.exception("request %d failed", request.command)
+                self.conn.reply_error(request.cookie, P.EIO, _FAILURE_TEXT[request.command])
+            break
         self.flush()
         await self.drain()
+
+    def _ignored(self, request: P.Request) -> None:
+        """The ``ignore`` policy: the request completes as if it had succeeded (a read returns
+        zeroes where the data could not be read)."""
+        if request.command == P.CMD_READ:
+            buf = memoryview(bytearray(request.length))
+            self.conn.reply_read(request.cookie, request.offset,
+                                 [(request.offset, buf)] if request.length else [])
+        else:
+            self.conn.reply_ok(request.cookie)
 
     async def _read(self, export: NBDExport, request: P.Request) -> None:
         bb = export.backend
@@ -358,6 +391,17 @@ COMMAND_HANDLERS = {
     P.CMD_TRIM: _Client._trim,
     P.CMD_CACHE: _Client._cache,
     P.CMD_BLOCK_STATUS: _Client._block_status,
+}
+
+# The requests a device submits and which of its policies applies (True: rerror, a read;
+# False: werror). Block status is a query, not I/O: its errors only go to the client.
+_POLICY = {
+    P.CMD_READ: True,
+    P.CMD_CACHE: True,
+    P.CMD_WRITE: False,
+    P.CMD_WRITE_ZEROES: False,
+    P.CMD_TRIM: False,
+    P.CMD_FLUSH: False,
 }
 
 # QEMU's texts for a command that failed in the block layer.
