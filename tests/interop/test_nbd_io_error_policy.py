@@ -45,27 +45,15 @@ def _blkdebug(image: Path, event: str, error: int, once: bool) -> str:
 
 
 class _Daemon:
-    """Our storage daemon with QMP and NBD on sockets the test listens on already."""
+    """A daemon (or system emulator) started with an already listening QMP socket: the QMP
+    session to it, the events seen so far, NBD clients of its export ``disk``."""
 
-    def __init__(self, directory: Path, exported: str, *options: str) -> None:
-        qmp = socket.socket(socket.AF_UNIX)
-        qmp.bind(str(directory / "qmp.sock"))
-        qmp.listen(1)
-        self.nbd_path = str(directory / "nbd.sock")
-        export = socket.socket(socket.AF_UNIX)
-        export.bind(self.nbd_path)
-        export.listen(16)
-        self.proc = subprocess.Popen(
-            [*DAEMON, *options, "--nbd-server", f"addr.type=fd,addr.str={export.fileno()}",
-             "--export", f"type=nbd,id=e0,node-name={exported},name=disk,writable=on",
-             "--chardev", f"socket,id=m0,fd={qmp.fileno()},server=on,wait=off",
-             "--monitor", "chardev=m0"],
-            pass_fds=[qmp.fileno(), export.fileno()], env=ENV, stdin=subprocess.DEVNULL)
-        qmp.close()
-        export.close()
+    def __init__(self, proc: subprocess.Popen[bytes], qmp_path: Path, nbd_path: Path) -> None:
+        self.proc = proc
+        self.nbd_path = str(nbd_path)
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.settimeout(30)  # a bound on a missing message, never a synchronisation delay
-        self.sock.connect(str(directory / "qmp.sock"))
+        self.sock.connect(str(qmp_path))
         self.stream = self.sock.makefile("rb")
         self.events: list[dict[str, Any]] = []
         assert "QMP" in self._message()
@@ -78,9 +66,9 @@ class _Daemon:
         assert isinstance(message, dict)
         return message
 
-    def command(self, name: str, **arguments: object) -> Any:
+    def command(self, execute: str, /, **arguments: object) -> Any:
         """Run a command; events that come before its reply are kept in :attr:`events`."""
-        self.sock.sendall(json.dumps({"execute": name, "arguments": arguments}).encode())
+        self.sock.sendall(json.dumps({"execute": execute, "arguments": arguments}).encode())
         while True:
             message = self._message()
             if "event" in message:
@@ -128,6 +116,8 @@ class _Daemon:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self.stream.close()
+        self.sock.close()
 
 
 @pytest.fixture
@@ -161,8 +151,31 @@ def daemons() -> Iterator[list[_Daemon]]:
         daemon.kill()
 
 
+def _listening(path: Path, backlog: int = 1) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(path))
+    sock.listen(backlog)
+    return sock
+
+
 def _start(daemons: list[_Daemon], directory: Path, exported: str, *options: str) -> _Daemon:
-    daemon = _Daemon(directory, exported, *options)
+    """Our storage daemon with ``options``, exporting ``exported`` as ``disk`` (writable)."""
+    qmp = _listening(directory / "qmp.sock")
+    export = _listening(directory / "nbd.sock", 16)
+    proc = subprocess.Popen(
+        [*DAEMON, *options, "--nbd-server", f"addr.type=fd,addr.str={export.fileno()}",
+         "--export", f"type=nbd,id=e0,node-name={exported},name=disk,writable=on",
+         "--chardev", f"socket,id=m0,fd={qmp.fileno()},server=on,wait=off",
+         "--monitor", "chardev=m0"],
+        pass_fds=[qmp.fileno(), export.fileno()], env=ENV, stdin=subprocess.DEVNULL)
+    qmp.close()
+    export.close()
+    try:
+        daemon = _Daemon(proc, directory / "qmp.sock", directory / "nbd.sock")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     daemons.append(daemon)
     return daemon
 
@@ -314,3 +327,45 @@ def test_qmp_stop_holds_drive_export(daemons: list[_Daemon], tmp_path: Path,
     assert daemon.events == []
     daemon.quit()
     assert image.read_bytes()[8192:12288] == b"\x33" * 4096
+
+
+def test_system_drive_export_stops(daemons: list[_Daemon], tmp_path: Path,
+                                   image: Path) -> None:
+    """``blockgraph system -drive ...,werror=stop`` exported over QMP by the drive's id."""
+    qmp = _listening(tmp_path / "qmp.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blockgraph", "system", "-machine", "none", "-nodefaults",
+         "-display", "none", "-drive", _drive(image, "stop", "write_aio", errno.EIO, once=True),
+         "-chardev", f"socket,id=m0,fd={qmp.fileno()},server=on,wait=off",
+         "-mon", "chardev=m0,mode=control"],
+        pass_fds=[qmp.fileno()], env=ENV, stdin=subprocess.DEVNULL)
+    qmp.close()
+    try:
+        daemon = _Daemon(proc, tmp_path / "qmp.sock", tmp_path / "nbd.sock")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    daemons.append(daemon)
+    assert daemon.io_status() is None  # no device yet
+    daemon.command("nbd-server-start", addr={"type": "unix", "data": {"path": daemon.nbd_path}})
+    daemon.command("block-export-add", type="nbd", id="e0", **{"node-name": "d0"},
+                   name="disk", writable=True)
+    assert daemon.io_status() == "ok"
+    client = daemon.client()
+    write = client.aio_pwrite(b"\x42" * 4096, 4096)
+    assert daemon.wait_event("BLOCK_IO_ERROR") == _io_error("write", "stop", errno.EIO)
+    daemon.wait_event("STOP")
+    assert daemon.command("query-status")["status"] == "io-error"
+    assert daemon.io_status() == "failed"
+    client.poll(0)
+    assert not client.aio_command_completed(write)
+    daemon.command("cont")
+    daemon.wait_event("RESUME")
+    while not client.aio_command_completed(write):
+        client.poll(-1)
+    client.shutdown()
+    daemon.command("quit")
+    assert daemon.wait_event("SHUTDOWN")["data"] == {"guest": False, "reason": "host-qmp-quit"}
+    assert proc.wait(timeout=60) == 0
+    assert image.read_bytes()[4096:8192] == b"\x42" * 4096

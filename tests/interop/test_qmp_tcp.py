@@ -306,6 +306,60 @@ def test_system_qmp_tcp_with_monitor_stdio(tmp_path: Path, quit_from: str) -> No
     assert any('"event": "SHUTDOWN"' in line and '"host-qmp-quit"' in line for line in mine)
 
 
+@pytest.mark.parametrize("tool", ["daemon", "system"])
+def test_wait_on_blocks_startup_until_a_client_connects(tmp_path: Path, tool: str) -> None:
+    """``server=on`` without ``wait=off``: startup waits for the first client, who is served."""
+    transcripts = []
+    for name in ("qemu", "ours"):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        chardev = f"socket,id=m0,fd={listener.fileno()},server=on"
+        if tool == "daemon":
+            command = [*(_qsd() if name == "qemu" else OURS_DAEMON),
+                       "--chardev", chardev, "--monitor", "m0"]
+            prog = "qemu-storage-daemon" if name == "qemu" else "blockgraph-storage-daemon"
+        else:
+            command = [*(_qemu_system() if name == "qemu" else OURS_SYSTEM), "-S",
+                       "-machine", "none", "-nodefaults", "-display", "none",
+                       "-chardev", chardev, "-mon", "chardev=m0,mode=control"]
+            prog = "qemu-system-x86_64" if name == "qemu" else "blockgraph-system"
+        proc = subprocess.Popen(command, pass_fds=[listener.fileno()], env=ENV,
+                                stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        listener.close()
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+            requests = [b'{"execute": "qmp_capabilities"}']
+            if tool == "system":
+                requests += [b'{"execute": "query-status"}', b'{"execute": "cont"}',
+                             b'{"execute": "query-status"}']
+            requests.append(b'{"execute": "quit"}')
+            stream = sock.makefile("rb")
+            replies = [stream.readline().decode()]
+            for request in requests:
+                sock.sendall(request)
+                # cont is answered after its RESUME event, quit after SHUTDOWN (system).
+                lines = 2 if tool == "system" and request.endswith((b'"cont"}', b'"quit"}')) else 1
+                replies += [stream.readline().decode() for _ in range(lines)]
+            sock.close()
+            assert proc.wait(timeout=60) == 0
+            assert proc.stderr is not None
+            stderr = proc.stderr.read().decode()
+            proc.stderr.close()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        text = "".join(replies) + stderr.replace(prog, "PROG").replace(str(port), "PORT")
+        text = re.sub(r'"seconds": \d+, "microseconds": \d+', "TIMESTAMP", text)
+        text = re.sub(r"fd=\d+", "fd=N", text)
+        transcripts.append(_filter(text, str(tmp_path)))
+    assert transcripts[1] == transcripts[0]
+    assert "info: QEMU waiting for connection on: disconnected:tcp:127.0.0.1:PORT,server=on" in (
+        transcripts[1])
+
+
 # -- option errors -----------------------------------------------------------------------------
 
 _DAEMON_ERRORS = [

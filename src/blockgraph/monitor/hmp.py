@@ -21,7 +21,7 @@ from blockgraph.monitor.qemuio import QemuIO
 
 _HELP = {
     "cont": "cont|c  -- resume emulation",
-    "stop": "stop  -- stop emulation",
+    "stop": "stop|s  -- stop emulation",
     "help": "help|? [cmd] -- show the help",
     "info": "info [subcommand] -- show various information about the system state",
     "qemu-io": 'qemu-io [-d] [device] "[command]" -- run a qemu-io command on a block device',
@@ -124,6 +124,7 @@ class HMP:
             "quit": self._quit,
             "q": self._quit,
             "stop": self._stop,
+            "s": self._stop,
             "cont": self._cont,
             "c": self._cont,
             "help": self._help,

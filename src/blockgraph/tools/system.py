@@ -33,7 +33,7 @@ from blockgraph.version import QEMU_VERSION_STRING
 _IGNORED_WITH_ARG = {"machine", "M", "accel", "display", "m", "smp", "cpu", "name", "serial",
                      "parallel", "vga", "boot", "rtc", "device", "object", "global",
                      "L", "bios", "kernel", "initrd", "append", "netdev", "net", "audiodev"}
-_IGNORED_FLAGS = {"nodefaults", "nographic", "S", "no-shutdown", "no-reboot", "enable-kvm",
+_IGNORED_FLAGS = {"nodefaults", "nographic", "no-shutdown", "no-reboot", "enable-kvm",
                   "snapshot", "daemonize"}
 
 
@@ -60,6 +60,7 @@ def main(prog: str, args: list[str]) -> int:
     blockdevs: list[str] = []
     chardevs: list[str] = []
     monitors: list[tuple[str, str]] = []  # -qmp, -monitor, -mon in command-line order
+    prelaunch = False
     i = 0
     while i < len(args):
         arg = args[i]
@@ -70,6 +71,10 @@ def main(prog: str, args: list[str]) -> int:
             continue
         name = arg.lstrip("-")
         if name in _IGNORED_FLAGS:
+            i += 1
+            continue
+        if name == "S":
+            prelaunch = True
             i += 1
             continue
         if name in ("drive", "blockdev", "monitor", "qmp", "mon", "chardev") or name in _IGNORED_WITH_ARG:
@@ -94,6 +99,8 @@ def main(prog: str, args: list[str]) -> int:
         return 1
 
     layer = BlockLayer()
+    if prelaunch:
+        layer.run_state = "prelaunch"  # -S: the VM waits for cont
     monitor = QMPMonitor(layer, "system")
 
     def fail(option: str, value: str, message: str) -> int:
