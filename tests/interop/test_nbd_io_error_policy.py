@@ -369,3 +369,17 @@ def test_system_drive_export_stops(daemons: list[_Daemon], tmp_path: Path,
     assert daemon.wait_event("SHUTDOWN")["data"] == {"guest": False, "reason": "host-qmp-quit"}
     assert proc.wait(timeout=60) == 0
     assert image.read_bytes()[4096:8192] == b"\x42" * 4096
+
+
+def test_quit_while_stopped(daemons: list[_Daemon], tmp_path: Path, image: Path) -> None:
+    """A request held for a stopped VM does not keep the daemon from quitting."""
+    daemon = _start(daemons, tmp_path, "d0",
+                    "--drive", _drive(image, "stop", "write_aio", errno.EIO))
+    client = daemon.client()
+    client.aio_pwrite(b"\x5a" * 4096, 0)
+    daemon.wait_event("BLOCK_IO_ERROR")
+    daemon.wait_event("STOP")
+    daemon.quit()
+    with pytest.raises(nbd.Error):
+        while True:
+            client.poll(-1)  # the connection ends, the write unanswered

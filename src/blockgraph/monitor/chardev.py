@@ -227,9 +227,16 @@ class Chardev:
         if self.backend == "stdio":
             return "stdio"
         suffix = ",server=on" if self.server else ""
+        address = self._address
+        if not address:
+            # Not open yet: the address as given (open() replaces it by the bound one).
+            if "path" in self.opts:
+                address = f"unix:{self.opts['path']}"
+            elif "host" in self.opts:
+                address = f"tcp:{self.opts['host']}:{self.opts.get('port', '')}"
         if self.peer is not None:
-            return f"{self._address}{suffix}{self.peer}"
-        return f"disconnected:{self._address}{suffix}"
+            return f"{address}{suffix}{self.peer}"
+        return f"disconnected:{address}{suffix}"
 
     def connected(self, sock: socket.socket) -> None:
         """A client is being served on ``sock`` (for :meth:`filename`)."""

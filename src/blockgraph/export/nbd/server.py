@@ -253,6 +253,12 @@ class _Client:
 
     async def close(self) -> None:
         if self.tasks:
+            device = self.export.device if self.export is not None else None
+            if device is not None and not device.layer.vm_running:
+                # Requests held for a stopped VM would wait for a cont that may never come:
+                # they go with the connection, unanswered.
+                for task in self.tasks:
+                    task.cancel()
             # Outstanding requests finish (and are answered) before the socket closes.
             await asyncio.gather(*self.tasks, return_exceptions=True)
         self.flush()
