@@ -188,10 +188,15 @@ def test_pretty_monitor_against_qemu_storage_daemon(tmp_path: Path) -> None:
             for request in [b"", *script]:
                 sock.sendall(request.replace(b"DIR", str(directory).encode()))
                 # A pretty message ends with a line holding only its closing brace.
-                lines = [stream.readline()]
-                while lines[-1] != b"}\r\n":
-                    assert lines[-1], "connection closed"
+                lines: list[bytes] = []
+                try:
                     lines.append(stream.readline())
+                    while lines[-1] != b"}\r\n":
+                        assert lines[-1], "connection closed"
+                        lines.append(stream.readline())
+                except TimeoutError:
+                    pytest.fail(f"{name}: no complete reply to {request!r} in {TIMEOUT} s, "
+                                f"got {lines!r}")
                 messages.append(b"".join(lines).decode("ascii"))
             sock.close()
             assert daemon.wait() == 0
