@@ -157,8 +157,10 @@ class BlockLayer:
         self._opening_images: list[tuple[str, bool]] = []
         # Event sink: monitors subscribe here; the graph never imports them.
         self.event_listeners: list[Callable[[str, dict[str, object]], None]] = []
-        # The VM run state an I/O error with the ``stop`` policy changes (QEMU's RunState).
+        # The VM run state (QEMU's RunState): QMP stop/cont and an I/O error under the
+        # ``stop`` policy change it; requests of a drive's device wait while it is not running.
         self.run_state = "running"
+        self._resume_waiters: list[asyncio.Future[None]] = []
 
     def emit_event(self, name: str, data: dict[str, object]) -> None:
         """Hand event ``name`` to every subscriber (QMP monitors)."""
@@ -168,6 +170,41 @@ class BlockLayer:
     @property
     def vm_running(self) -> bool:
         return self.run_state == "running"
+
+    def vm_stop(self, state: str) -> None:
+        """Stop the VM in run state ``state`` (``paused``, ``io-error``) and emit ``STOP``.
+
+        A VM that is not running stays in its state and nothing is emitted, as QEMU's
+        ``vm_stop`` does.
+        """
+        if not self.vm_running:
+            return
+        self.run_state = state
+        self.emit_event("STOP", {})
+
+    def vm_resume(self) -> None:
+        """QMP ``cont``: forget the BlockBackends' I/O errors, run again, emit ``RESUME``.
+
+        Requests held in :meth:`wait_running` go on (a request that failed under the ``stop``
+        policy is retried by its device).
+        """
+        for backend in self.backends:
+            backend.iostatus_reset()
+        if self.vm_running:
+            return
+        self.run_state = "running"
+        self.emit_event("RESUME", {})
+        waiters, self._resume_waiters = self._resume_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait_running(self) -> None:
+        """Return once the VM runs (at once if it does)."""
+        while not self.vm_running:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._resume_waiters.append(waiter)
+            await waiter
 
     # -- sync facade ------------------------------------------------------------------------
 

@@ -287,8 +287,14 @@ class BlockBackend:
         """What a device does with a failed request: apply the policy, emit ``BLOCK_IO_ERROR``.
 
         With ``stop`` the I/O status records the failure (if enabled) and the VM stops
-        (run state ``io-error``, event ``STOP``). qemu-io and exports never come here, as in
-        QEMU: their errors go to their caller.
+        (run state ``io-error``, event ``STOP``); the device holds the request until ``cont``
+        and then retries it. qemu-io never comes here, as in QEMU: its errors go to its caller.
+
+        QEMU 7.2 applies rerror/werror only in guest devices, and qemu-storage-daemon has
+        none. blockgraph adds one case: an NBD export of a drive's BlockBackend (``-drive`` /
+        ``--drive``, exported by the drive's id) acts as that drive's device and comes here
+        for every failed request; an export of a node (``--blockdev``) keeps QEMU's behaviour
+        and its errors only go to the NBD client.
 
         :return: the action taken.
         """
@@ -304,9 +310,8 @@ class BlockBackend:
             data["nospace"] = error == errno.ENOSPC
         data["reason"] = os.strerror(error)
         self.layer.emit_event("BLOCK_IO_ERROR", data)
-        if action == "stop" and self.layer.vm_running:
-            self.layer.run_state = "io-error"
-            self.layer.emit_event("STOP", {})
+        if action == "stop":
+            self.layer.vm_stop("io-error")
         return action
 
     def iostatus_reset(self) -> None:

@@ -15,10 +15,13 @@ from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.node import BlockBackend, Node
 from blockgraph.graph.query import image_info
 from blockgraph.graph.snapshot import external_snapshot
+from blockgraph.monitor.chardev import ChardevRegistry
 from blockgraph.monitor.imageinfo import format_image_chain
 from blockgraph.monitor.qemuio import QemuIO
 
 _HELP = {
+    "cont": "cont|c  -- resume emulation",
+    "stop": "stop|s  -- stop emulation",
     "help": "help|? [cmd] -- show the help",
     "info": "info [subcommand] -- show various information about the system state",
     "qemu-io": 'qemu-io [-d] [device] "[command]" -- run a qemu-io command on a block device',
@@ -98,11 +101,14 @@ class HMP:
     """One human monitor session on ``layer``.
 
     :param on_quit: called by ``quit``.
+    :param chardevs: the process's chardevs (``info chardev``).
     """
 
-    def __init__(self, layer: BlockLayer, on_quit: Callable[[], None] | None = None) -> None:
+    def __init__(self, layer: BlockLayer, on_quit: Callable[[], None] | None = None,
+                 chardevs: ChardevRegistry | None = None) -> None:
         self.layer = layer
         self.on_quit = on_quit or (lambda: None)
+        self.chardevs = chardevs if chardevs is not None else ChardevRegistry()
 
     async def execute(self, line: str) -> str:
         """Run one command line; return the text the monitor prints."""
@@ -117,6 +123,10 @@ class HMP:
             "snapshot_blkdev": self._snapshot_blkdev,
             "quit": self._quit,
             "q": self._quit,
+            "stop": self._stop,
+            "s": self._stop,
+            "cont": self._cont,
+            "c": self._cont,
             "help": self._help,
             "?": self._help,
         }.get(name)
@@ -131,6 +141,14 @@ class HMP:
         self.on_quit()
         return ""
 
+    async def _stop(self, rest: str) -> str:
+        self.layer.vm_stop("paused")
+        return ""
+
+    async def _cont(self, rest: str) -> str:
+        self.layer.vm_resume()
+        return ""
+
     async def _help(self, rest: str) -> str:
         if rest:
             text = _HELP.get(rest)
@@ -141,6 +159,13 @@ class HMP:
         words = rest.split()
         if not words:
             return "info block  -- show info of one block device or all block devices (-n: show named nodes; -v: show details)\n"
+        if words[0] == "status":
+            state = self.layer.run_state
+            if state == "running":
+                return "VM status: running\n"
+            return "VM status: paused\n" if state == "paused" else f"VM status: paused ({state})\n"
+        if words[0] == "chardev":
+            return self.chardevs.info()
         if words[0] != "block":
             return f"unknown command: 'info {words[0]}'\n"
         nodes = verbose = False

@@ -1,11 +1,12 @@
 """``blockgraph storage-daemon``: qemu-storage-daemon 7.2's command line.
 
 Options are processed in order, as QEMU does: ``--blockdev`` opens nodes (owned by the
-monitor), ``--chardev socket,path=P,server=on,wait=off,id=X`` and ``--monitor chardev=X`` serve
-QMP on a unix socket, ``--object`` makes secrets and TLS credentials (other object types only
-take their id), ``--pidfile`` is written once
-everything listens (the "started" signal), ``--daemonize`` returns in the parent only after
-that. ``quit`` or SIGINT/SIGTERM/SIGHUP end the daemon, removing the pid file and the sockets.
+monitor), ``--drive`` (ours, not qemu-storage-daemon's: qemu-system's ``-drive``) makes a named
+BlockBackend, ``--chardev socket,...`` (unix or TCP, see :mod:`blockgraph.monitor.chardev`) or
+``--chardev stdio`` and ``--monitor chardev=X`` serve QMP, ``--object`` makes secrets and TLS
+credentials (other object types only take their id), ``--pidfile`` is written once everything
+listens (the "started" signal), ``--daemonize`` returns in the parent only after that. ``quit``
+or SIGINT/SIGTERM/SIGHUP end the daemon, removing the pid file and the sockets.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blockgraph.errors import BlockError
+from blockgraph.graph.drive import drive_new
 from blockgraph.graph.layer import BlockLayer
+from blockgraph.monitor.chardev import ChardevError, parse_chardev
 from blockgraph.monitor.qmp import exports
 from blockgraph.monitor.qmp.commands import DRIVERS, QMPMonitor, check_blockdev_options
 from blockgraph.monitor.qmp.server import QMPServer
 from blockgraph.objects import add_object, object_help
-from blockgraph.options.keyval import crumple, parse_blockdev, parse_keyval
+from blockgraph.options.keyval import crumple, parse_blockdev, parse_drive_opts, parse_keyval
 from blockgraph.options.qjson import parse_json
 from blockgraph.version import QEMU_VERSION_STRING
 
@@ -76,7 +79,8 @@ QEMU storage daemon
 """
 
 # long option -> takes an argument
-_LONG = {"help": False, "version": False, "trace": True, "blockdev": True, "chardev": True,
+_LONG = {"help": False, "version": False, "trace": True, "blockdev": True, "drive": True,
+         "chardev": True,
          "export": True, "monitor": True, "nbd-server": True, "object": True, "pidfile": True,
          "daemonize": False}
 _SHORT = {"h": "help", "V": "version", "T": "trace"}
@@ -84,14 +88,6 @@ _SHORT = {"h": "help", "V": "version", "T": "trace"}
 
 class _Fail(Exception):
     """A command-line error: the message is printed after the program name."""
-
-
-@dataclass
-class _Chardev:
-    id: str
-    backend: str
-    path: str | None
-    used: bool = False
 
 
 @dataclass
@@ -161,38 +157,6 @@ def _parse_argv(prog: str, args: list[str]) -> _Config | int:
     return config
 
 
-def _qemu_opts(text: str, implied: str) -> dict[str, str]:
-    """QemuOpts syntax (``-chardev``): ``,,`` escapes, a bare first word is ``implied``."""
-    items: list[str] = []
-    current: list[str] = []
-    pos = 0
-    while pos < len(text):
-        if text[pos] == ",":
-            if text.startswith(",,", pos):
-                current.append(",")
-                pos += 2
-                continue
-            items.append("".join(current))
-            current = []
-        else:
-            current.append(text[pos])
-        pos += 1
-    items.append("".join(current))
-    out: dict[str, str] = {}
-    for index, item in enumerate(items):
-        key, eq, value = item.partition("=")
-        if not eq:
-            if index == 0:
-                out[implied] = key
-            elif key.startswith("no") and key not in ("nodelay",):
-                out[key[2:]] = "off"
-            else:
-                out[key] = "on"
-        else:
-            out[key] = value
-    return out
-
-
 class _Daemon:
     def __init__(self, prog: str, config: _Config) -> None:
         self.prog = prog
@@ -200,9 +164,9 @@ class _Daemon:
         self.layer = BlockLayer()
         self.monitor = QMPMonitor(self.layer, "storage-daemon", output=self._print)
         self.server = QMPServer(self.monitor)
-        self.chardevs: dict[str, _Chardev] = {}
+        self.chardevs = self.monitor.chardevs
         self.pidfile_fd: int | None = None
-        self.stdio_monitor = False
+        self.warnings: list[str] = []
 
     @staticmethod
     def _print(line: str) -> None:
@@ -214,6 +178,7 @@ class _Daemon:
     async def apply(self, option: str, value: str) -> None:
         handler: dict[str, Callable[[str], object]] = {
             "blockdev": self._blockdev,
+            "drive": self._drive,
             "chardev": self._chardev,
             "monitor": self._monitor,
             "object": self._object,
@@ -249,33 +214,43 @@ class _Daemon:
         node = await self.layer.open_node(None, options)
         self.monitor.owned.add(node.node_name)
 
+    async def _drive(self, value: str) -> None:
+        """``--drive``, a blockgraph addition: qemu-system's ``-drive`` (a named BlockBackend
+        with its rerror/werror policy; an export of it by its id acts as its device)."""
+        warnings: list[str] = []
+        opts = parse_drive_opts(value, warnings)
+        for warning in warnings:
+            sys.stderr.write(f"{self.prog}: --drive {value}: warning: {warning}\n")
+        self.layer.warnings.clear()
+        await drive_new(self.layer, opts)
+        for warning in self.layer.warnings:
+            sys.stderr.write(f"WARNING: {warning}\n")
+
     async def _chardev(self, value: str) -> None:
-        opts = _qemu_opts(value, "backend")
-        ident = opts.pop("id", None)
-        if ident is None:
-            raise _Fail("chardev: no id specified")
-        if ident in self.chardevs:
-            raise _Fail("duplicate yank instance" if opts.get("backend") == "socket"
-                        else f"attempt to add duplicate property '{ident}' to object (type 'container')")
-        backend = opts.pop("backend", "")
-        if backend == "stdio":
-            known: tuple[str, ...] = ("signal", "logfile", "logappend", "mux")
-        elif backend == "socket":
-            known = ("path", "server", "wait", "abstract", "tight", "reconnect", "logfile",
-                     "logappend", "mux", "telnet", "websocket", "tn3270", "nodelay")
-        else:
-            raise _Fail(f"'{backend}' is not a valid char driver name" if backend
-                        else "chardev: \"\" missing backend")
-        for key in opts:
-            if key not in known:
-                raise _Fail(f"Invalid parameter '{key}'")
-        path = opts.get("path")
-        if backend == "socket":
-            if path is None:
-                raise _Fail("Unable to parse FD number ")
-            if opts.get("server", "off") != "on":
-                raise _Fail("client mode sockets are not available in blockgraph yet")
-        self.chardevs[ident] = _Chardev(ident, backend, path)
+        try:
+            chardev = parse_chardev(value, self.warnings)
+        except ChardevError as exc:
+            raise _Fail("\n".join(exc.messages)) from None
+        finally:
+            self._warn("--chardev", value)
+        if chardev.label in self.chardevs:
+            raise _Fail("duplicate yank instance" if chardev.backend == "socket"
+                        else f"attempt to add duplicate property '{chardev.label}' to object "
+                             "(type 'container')")
+
+        def info(text: str) -> None:
+            sys.stderr.write(f"{self.prog}: --chardev {value}: info: {text}\n")
+
+        try:
+            chardev.open(info)
+        except ChardevError as exc:
+            raise _Fail("\n".join(exc.messages)) from None
+        self.chardevs.add(chardev)
+
+    def _warn(self, option: str, value: str) -> None:
+        for warning in self.warnings:
+            sys.stderr.write(f"{self.prog}: {option} {value}: warning: {warning}\n")
+        self.warnings.clear()
 
     async def _monitor(self, value: str) -> None:
         opts = parse_keyval(value, implied_key="chardev")
@@ -285,6 +260,9 @@ class _Daemon:
         mode = opts.get("mode", "control")
         if mode not in ("control", "readline"):
             raise _Fail(f"Parameter 'mode' does not accept value '{mode}'")
+        pretty = opts.get("pretty", "off")
+        if pretty not in ("on", "off"):
+            raise _Fail("Parameter 'pretty' expects 'on' or 'off'")
         name = opts.get("chardev")
         if name is None:
             raise _Fail("Parameter 'chardev' is missing")
@@ -293,17 +271,9 @@ class _Daemon:
             raise _Fail(f'chardev "{name}" not found')
         if mode != "control":
             raise _Fail("Only QMP is supported")
-        if chardev.used:
+        if chardev.in_use:
             raise _Fail(f"Device '{name}' is in use")
-        chardev.used = True
-        if chardev.backend == "stdio":
-            self.stdio_monitor = True
-        else:
-            assert chardev.path is not None
-            try:
-                await self.server.serve_unix(chardev.path)
-            except OSError as exc:
-                raise _Fail(f"Failed to bind socket to {chardev.path}: {exc.strerror}") from exc
+        self.server.serve_chardev(chardev, pretty=pretty == "on")
 
     def _object(self, value: str) -> None:
         lines = object_help(value)
@@ -343,34 +313,37 @@ class _Daemon:
 
     # -- run --------------------------------------------------------------------------------
 
+    async def _abandon(self) -> None:
+        """Startup failed: stop the monitors already serving (nodes stay as they are)."""
+        await self.server.close()
+        self.chardevs.close()
+
     async def run(self, started: Callable[[], None]) -> int:
         for option, value in self.config.actions:
             try:
                 await self.apply(option, value)
             except (BlockError, _Fail) as exc:
                 sys.stderr.write(f"{self.prog}: --{option} {value}: {exc}\n")
+                await self._abandon()
                 return 1
         try:
             self.write_pidfile()
         except _Fail as exc:
             sys.stderr.write(f"{self.prog}: {exc}\n")
+            await self._abandon()
             return 1
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(signum, self.server.quit.set)
         started()
         try:
-            if self.stdio_monitor:
-                stdio = asyncio.ensure_future(self.server.serve_stdio())
-                await self.server.quit.wait()
-                stdio.cancel()
-            else:
-                await self.server.quit.wait()
+            await self.server.quit.wait()
         finally:
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
             await exports.shutdown(self.monitor)
             await self.server.close()
+            self.chardevs.close()
             self.remove_pidfile()
         return 0
 

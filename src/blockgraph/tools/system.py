@@ -1,8 +1,12 @@
 """``blockgraph system``: the block options of ``qemu-system-x86_64``, with no guest.
 
 Accepts and ignores the machine/display options a block test passes; builds the graph from
-``-blockdev`` (first, as QEMU does) and ``-drive``; runs the human monitor on stdio. Without a
-monitor it waits, as QEMU would, until it is killed.
+``-blockdev`` (first, as QEMU does) and ``-drive``; serves QMP (``-qmp``, ``-chardev`` +
+``-mon mode=control``) on sockets or stdio and the human monitor on stdio (``-monitor stdio``),
+all at once: ``quit`` from any of them ends the process. Without a monitor it waits, as QEMU
+would, until it is killed.
+
+A stdio monitor whose input ends ends the process too (QEMU would keep running unmonitored).
 """
 
 from __future__ import annotations
@@ -11,12 +15,16 @@ import asyncio
 import os
 import signal
 import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from blockgraph.errors import BlockError
 from blockgraph.graph.drive import drive_new
 from blockgraph.graph.layer import BlockLayer
+from blockgraph.monitor.chardev import Chardev, ChardevError, parse_chardev, parse_legacy, qemu_opts
 from blockgraph.monitor.hmp import HMP
-from blockgraph.monitor.qmp.commands import QMPMonitor
+from blockgraph.monitor.qmp.commands import QMPMonitor, request_quit
 from blockgraph.monitor.qmp.server import QMPServer
 from blockgraph.objects import ObjectCreationError, add_object
 from blockgraph.options.keyval import parse_blockdev, parse_drive_opts
@@ -24,23 +32,36 @@ from blockgraph.version import QEMU_VERSION_STRING
 
 # Options taking an argument that have no effect without a guest.
 _IGNORED_WITH_ARG = {"machine", "M", "accel", "display", "m", "smp", "cpu", "name", "serial",
-                     "parallel", "vga", "boot", "rtc", "chardev", "device", "global",
+                     "parallel", "vga", "boot", "rtc", "device", "global",
                      "L", "bios", "kernel", "initrd", "append", "netdev", "net", "audiodev"}
-_IGNORED_FLAGS = {"nodefaults", "nographic", "S", "no-shutdown", "no-reboot", "enable-kvm",
+_IGNORED_FLAGS = {"nodefaults", "nographic", "no-shutdown", "no-reboot", "enable-kvm",
                   "snapshot", "daemonize"}
 
 
-class _Exit(Exception):
-    def __init__(self, code: int) -> None:
-        self.code = code
+@dataclass
+class _Monitor:
+    chardev: Chardev
+    control: bool  # QMP; else the human monitor
+    pretty: bool = False
+
+
+class _Fail(Exception):
+    """A command-line error, reported as ``prog: option value: message`` (one line each)."""
+
+    def __init__(self, option: str, value: str, *messages: str) -> None:
+        super().__init__(messages[0])
+        self.option = option
+        self.value = value
+        self.messages = messages
 
 
 def main(prog: str, args: list[str]) -> int:
     """Run; return the exit code."""
     drives: list[str] = []
     blockdevs: list[str] = []
-    monitors: list[str] = []
-    qmps: list[str] = []
+    chardevs: list[str] = []
+    monitors: list[tuple[str, str]] = []  # -qmp, -monitor, -mon in command-line order
+    prelaunch = False
     objects: list[str] = []
     i = 0
     while i < len(args):
@@ -54,7 +75,11 @@ def main(prog: str, args: list[str]) -> int:
         if name in _IGNORED_FLAGS:
             i += 1
             continue
-        if name in ("drive", "blockdev", "monitor", "qmp", "object") or name in _IGNORED_WITH_ARG:
+        if name == "S":
+            prelaunch = True
+            i += 1
+            continue
+        if name in ("drive", "blockdev", "monitor", "qmp", "mon", "chardev", "object") or name in _IGNORED_WITH_ARG:
             if i + 1 >= len(args):
                 sys.stderr.write(f"{prog}: {arg}: requires an argument\n")
                 return 1
@@ -63,10 +88,10 @@ def main(prog: str, args: list[str]) -> int:
                 drives.append(value)
             elif name == "blockdev":
                 blockdevs.append(value)
-            elif name == "monitor":
-                monitors.append(value)
-            elif name == "qmp":
-                qmps.append(value)
+            elif name == "chardev":
+                chardevs.append(value)
+            elif name in ("monitor", "qmp", "mon"):
+                monitors.append((name, value))
             elif name == "object":
                 objects.append(value)
             i += 2
@@ -78,6 +103,9 @@ def main(prog: str, args: list[str]) -> int:
         return 1
 
     layer = BlockLayer()
+    if prelaunch:
+        layer.run_state = "prelaunch"  # -S: the VM waits for cont
+    monitor = QMPMonitor(layer, "system")
 
     def fail(option: str, value: str, message: str) -> int:
         sys.stderr.write(f"{prog}: {option} {value}: {message}\n")
@@ -94,100 +122,181 @@ def main(prog: str, args: list[str]) -> int:
         except BlockError as exc:
             layer.close()
             return fail("-object", value, str(exc))
-    for value in blockdevs:
-        try:
-            options = parse_blockdev(value)
-            if any(k == "cache.writeback" for k in options):
-                raise BlockError("Parameter 'cache.writeback' is unexpected")
-            if "cache" in options:
-                raise BlockError("Invalid parameter type for 'cache', expected: object")
-            if "driver" not in options:
-                raise BlockError("Parameter 'driver' is missing")
-            if "node-name" not in options:
-                raise BlockError("'node-name' must be specified for the root node")
-            layer.run(layer.open_node(None, options))
-        except BlockError as exc:
-            return fail("-blockdev", value, str(exc))
-    for value in drives:
-        warnings: list[str] = []
-        try:
-            opts = parse_drive_opts(value, warnings)
-            for warning in warnings:
-                sys.stderr.write(f"{prog}: -drive {value}: warning: {warning}\n")
-            layer.warnings.clear()
-            layer.run(drive_new(layer, opts))
-            for warning in layer.warnings:
-                sys.stderr.write(f"WARNING: {warning}\n")
-        except BlockError as exc:
-            return fail("-drive", value, str(exc))
-
-    stdio_monitor = any(m.split(",")[0] == "stdio" for m in monitors)
     try:
-        if qmps:
-            if stdio_monitor:
-                sys.stderr.write(f"{prog}: -qmp with -monitor stdio is not available yet\n")
-                return 1
-            return _run_qmp(prog, layer, qmps)
-        if stdio_monitor:
-            return _run_stdio_monitor(layer)
-        signal.pause()
+        wanted = _monitors(prog, monitor, chardevs, monitors)
+    except _Fail as exc:
+        for message in exc.messages:
+            fail(f"-{exc.option}", exc.value, message)
+        monitor.chardevs.close()
+        return 1
+    try:
+        for value in blockdevs:
+            try:
+                options = parse_blockdev(value)
+                if any(k == "cache.writeback" for k in options):
+                    raise BlockError("Parameter 'cache.writeback' is unexpected")
+                if "cache" in options:
+                    raise BlockError("Invalid parameter type for 'cache', expected: object")
+                if "driver" not in options:
+                    raise BlockError("Parameter 'driver' is missing")
+                if "node-name" not in options:
+                    raise BlockError("'node-name' must be specified for the root node")
+                layer.run(layer.open_node(None, options))
+            except BlockError as exc:
+                return fail("-blockdev", value, str(exc))
+        for value in drives:
+            warnings: list[str] = []
+            try:
+                opts = parse_drive_opts(value, warnings)
+                for warning in warnings:
+                    sys.stderr.write(f"{prog}: -drive {value}: warning: {warning}\n")
+                layer.warnings.clear()
+                layer.run(drive_new(layer, opts))
+                for warning in layer.warnings:
+                    sys.stderr.write(f"WARNING: {warning}\n")
+            except BlockError as exc:
+                return fail("-drive", value, str(exc))
+        layer.run(_serve(monitor, wanted))
         return 0
     finally:
+        monitor.chardevs.close()
         layer.close()
 
 
-def _run_qmp(prog: str, layer: BlockLayer, specs: list[str]) -> int:
-    """Serve QMP (``-qmp stdio`` / ``-qmp unix:PATH,server=on,wait=off``) until ``quit``."""
-    monitor = QMPMonitor(layer, "system")
-    server = QMPServer(monitor)
-    stdio = False
-    paths: list[str] = []
-    for spec in specs:
-        if spec == "stdio":
-            if stdio:
-                sys.stderr.write(f"{prog}: -qmp stdio: cannot use stdio by multiple character devices\n")
-                return 1
-            stdio = True
-        elif spec.startswith("unix:"):
-            path, _, options = spec[len("unix:"):].partition(",")
-            if "server=on" not in options.split(",") and "server" not in options.split(","):
-                sys.stderr.write(f"{prog}: -qmp {spec}: client mode sockets are not available yet\n")
-                return 1
-            paths.append(path)
-        else:
-            sys.stderr.write(f"{prog}: -qmp {spec}: only 'stdio' and 'unix:' are available\n")
-            return 1
+def _monitors(prog: str, monitor: QMPMonitor, chardevs: list[str],
+              specs: list[tuple[str, str]]) -> list[_Monitor]:
+    """Create the chardevs (``-chardev`` first, as QEMU does), then the monitors in order.
 
-    async def run() -> None:
-        loop = asyncio.get_running_loop()
-        for path in paths:
-            await server.serve_unix(path)
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.add_signal_handler(signum, server.quit.set)
+    :raise _Fail: QEMU's text for the first bad option.
+    """
+    registry = monitor.chardevs
+
+    def add(option: str, value: str, chardev: Chardev) -> None:
+        if chardev.backend == "stdio" and any(c.backend == "stdio" for c in registry):
+            raise _Fail(option, value, "cannot use stdio by multiple character devices")
+
+        def info(text: str) -> None:
+            sys.stderr.write(f"{prog}: -{option} {value}: info: {text}\n")
+
         try:
-            if stdio:
-                await server.serve_stdio()
-            else:
-                await server.quit.wait()
+            chardev.open(info)
+        except ChardevError as exc:
+            raise _Fail(option, value, *exc.messages) from None
+        registry.add(chardev)
+
+    for value in chardevs:
+        warnings: list[str] = []
+        try:
+            chardev = parse_chardev(value, warnings)
+        except ChardevError as exc:
+            raise _Fail("chardev", value, *exc.messages) from None
         finally:
-            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                loop.remove_signal_handler(signum)
-            await server.close()
+            for warning in warnings:
+                sys.stderr.write(f"{prog}: -chardev {value}: warning: {warning}\n")
+        if chardev.label in registry:
+            raise _Fail("chardev", value, f"Duplicate ID '{chardev.label}' for chardev")
+        add("chardev", value, chardev)
 
-    layer.run(run())
-    return 0
+    wanted: list[_Monitor] = []
+    compat = 0
+    for option, value in specs:
+        if option == "mon":
+            wanted.append(_mon(registry.get, value))
+            continue
+        if option == "monitor" and value == "none":
+            continue
+        try:
+            chardev = parse_legacy(value, f"compat_monitor{compat}")
+        except ChardevError as exc:
+            raise _Fail(option, value, *exc.messages) from None
+        compat += 1
+        add(option, value, chardev)
+        chardev.in_use = True
+        wanted.append(_Monitor(chardev, control=option == "qmp"))
+    for entry in wanted:
+        if not entry.control and entry.chardev.backend != "stdio":
+            raise _Fail("monitor", entry.chardev.label,
+                        "blockgraph serves the human monitor on stdio only")
+    return wanted
 
 
-def _run_stdio_monitor(layer: BlockLayer) -> int:
+def _mon(find: Callable[[str], Chardev | None], value: str) -> _Monitor:
+    """``-mon [chardev=]NAME[,mode=readline|control][,pretty=on|off]``."""
+    try:
+        opts = qemu_opts(value, "chardev")
+    except ChardevError as exc:
+        raise _Fail("mon", value, *exc.messages) from None
+    for key in opts:
+        if key not in ("chardev", "mode", "pretty", "id"):
+            raise _Fail("mon", value, f"Invalid parameter '{key}'")
+    pretty = opts.get("pretty", "off")
+    if pretty not in ("on", "off"):
+        raise _Fail("mon", value, "Parameter 'pretty' expects 'on' or 'off'")
+    name = opts.get("chardev")
+    if name is None:
+        raise _Fail("mon", value, "Parameter 'chardev' is missing")
+    mode = opts.get("mode", "readline")
+    if mode not in ("readline", "control"):
+        raise _Fail("mon", value, f"Parameter 'mode' does not accept value '{mode}'")
+    chardev = find(name)
+    if chardev is None:
+        raise _Fail("mon", value, f'chardev "{name}" not found')
+    if chardev.in_use:
+        raise _Fail("mon", value, f"Device '{name}' is in use")
+    chardev.in_use = True
+    return _Monitor(chardev, control=mode == "control", pretty=pretty == "on")
+
+
+async def _serve(monitor: QMPMonitor, wanted: list[_Monitor]) -> None:
+    """Serve every monitor until ``quit`` (from any of them) or a signal."""
+    server = QMPServer(monitor)
+    loop = asyncio.get_running_loop()
+    hmp_task: asyncio.Future[None] | None = None
+    for entry in wanted:
+        if entry.control:
+            server.serve_chardev(entry.chardev, pretty=entry.pretty)
+        else:
+            hmp = HMP(monitor.layer, lambda: request_quit(monitor), monitor.chardevs)
+            hmp_task = asyncio.ensure_future(_hmp_stdio(hmp, server.quit))
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, server.quit.set)
+    try:
+        await server.quit.wait()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
+        if hmp_task is not None:
+            hmp_task.cancel()
+        await server.close()
+
+
+async def _hmp_stdio(hmp: HMP, quit: asyncio.Event) -> None:
+    """The human monitor on stdin/stdout, next to whatever else the event loop serves."""
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[bytes] = asyncio.Queue()
+    fd = sys.stdin.fileno()
+    echo = not os.isatty(fd)
+
+    def reader() -> None:
+        # A thread, so that stdin may be a pipe, a tty or a regular file alike.
+        pending = b""
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            if not data:
+                if pending:
+                    loop.call_soon_threadsafe(lines.put_nowait, pending)
+                loop.call_soon_threadsafe(lines.put_nowait, b"")
+                return
+            pending += data
+            while b"\n" in pending:
+                line, _, pending = pending.partition(b"\n")
+                loop.call_soon_threadsafe(lines.put_nowait, line + b"\n")
+
+    threading.Thread(target=reader, name="hmp-stdin", daemon=True).start()
     out = sys.stdout.buffer
-    quitting = False
-
-    def on_quit() -> None:
-        nonlocal quitting
-        quitting = True
-
-    hmp = HMP(layer, on_quit)
-    echo = not os.isatty(sys.stdin.fileno())
 
     def write(text: str) -> None:
         # QEMU's monitor ends its lines with CR LF.
@@ -195,15 +304,15 @@ def _run_stdio_monitor(layer: BlockLayer) -> int:
         out.flush()
 
     write(f"QEMU {QEMU_VERSION_STRING} monitor - type 'help' for more information\n")
-    while not quitting:
+    while not quit.is_set():
         write("(qemu) ")
-        line = sys.stdin.readline()
+        line = await lines.get()
         if not line:
             break
-        command = line.rstrip("\r\n")
+        command = line.decode(errors="replace").rstrip("\r\n")
         if echo:
             # A terminal echoes what is typed; without one, print the line as QEMU's readline
             # shows it once its cursor escapes are applied.
             write(command + "\n")
-        write(layer.run(hmp.execute(command)))
-    return 0
+        write(await hmp.execute(command))
+    quit.set()

@@ -10,6 +10,11 @@ logged; the server goes on.
 With TLS credentials, the connection is upgraded in place when the protocol asks for it
 (:class:`~blockgraph.export.nbd.protocol.StartTLS`), with asyncio's ``start_tls``; a failed
 handshake closes that connection only.
+
+An export may act as the device of a drive (:attr:`NBDExport.device`, a blockgraph addition):
+then a failed request goes through the drive's rerror/werror policy
+(:meth:`~blockgraph.graph.node.BlockBackend.handle_io_error`) before the client hears of it,
+and while the VM is stopped requests wait, the one that stopped it included, to be retried.
 """
 
 from __future__ import annotations
@@ -58,6 +63,9 @@ class NBDExport:
     read_only: bool = False
     allocation_depth: bool = False
     bitmaps: list[str] = field(default_factory=list)
+    # The drive this export is the device of (exported by the drive's id): its error policy
+    # applies to failed requests. None for an export of a node: errors go to the client only.
+    device: BlockBackend | None = None
 
     @property
     def root(self) -> Node:
@@ -343,6 +351,12 @@ class _Client:
 
     async def close(self) -> None:
         if self.tasks:
+            device = self.export.device if self.export is not None else None
+            if device is not None and not device.layer.vm_running:
+                # Requests held for a stopped VM would wait for a cont that may never come:
+                # they go with the connection, unanswered.
+                for task in self.tasks:
+                    task.cancel()
             # Outstanding requests finish (and are answered) before the socket closes.
             await asyncio.gather(*self.tasks, return_exceptions=True)
         self.flush()
@@ -356,21 +370,46 @@ class _Client:
     async def _request(self, request: P.Request) -> None:
         export = self.export
         assert export is not None
-        try:
-            await COMMAND_HANDLERS[request.command](self, export, request)
-        except IOFailure as exc:
-            self.conn.reply_error(request.cookie, P.errno_to_nbd(exc.errno), _FAILURE_TEXT[request.command])
-        except Exception:
-            self.log.exception("request %d failed", request.command)
-            self.conn.reply_error(request.cookie, P.EIO, _FAILURE_TEXT[request.command])
+        device = export.device
+        while True:
+            if device is not None:
+                # A device does no I/O while the VM is stopped.
+                await device.layer.wait_running()
+            try:
+                await COMMAND_HANDLERS[request.command](self, export, request)
+            except IOFailure as exc:
+                is_read = _POLICY.get(request.command)
+                if device is not None and is_read is not None:
+                    action = device.handle_io_error(is_read, exc.errno)
+                    if action == "stop":
+                        continue  # held until cont, then retried
+                    if action == "ignore":
+                        self._ignored(request)
+                        break
+                self.conn.reply_error(request.cookie, P.errno_to_nbd(exc.errno),
+                                      _FAILURE_TEXT[request.command])
+            except Exception:
+                self.log.exception("request %d failed", request.command)
+                self.conn.reply_error(request.cookie, P.EIO, _FAILURE_TEXT[request.command])
+            break
+        # Small replies of the requests that complete in this loop iteration leave in one
+        # write (an error reply of a big read too). Back-pressure is the read loop's: it drains
+        # before reading more requests.
+        self._schedule_flush()
         if request.command == P.CMD_READ and request.length >= _JOIN_LIMIT:
             # A big reply went out in _read; the request keeps its slot until the socket
             # took it.
             await self.drain()
+
+    def _ignored(self, request: P.Request) -> None:
+        """The ``ignore`` policy: the request completes as if it had succeeded (a read returns
+        zeroes where the data could not be read)."""
+        if request.command == P.CMD_READ:
+            buf = memoryview(bytearray(request.length))
+            self.conn.reply_read(request.cookie, request.offset,
+                                 [(request.offset, buf)] if request.length else [])
         else:
-            # Small replies of the requests that complete in this loop iteration leave in one
-            # write. Back-pressure is the read loop's: it drains before reading more requests.
-            self._schedule_flush()
+            self.conn.reply_ok(request.cookie)
 
     async def _read(self, export: NBDExport, request: P.Request) -> None:
         bb = export.backend
@@ -472,6 +511,17 @@ COMMAND_HANDLERS = {
     P.CMD_TRIM: _Client._trim,
     P.CMD_CACHE: _Client._cache,
     P.CMD_BLOCK_STATUS: _Client._block_status,
+}
+
+# The requests a device submits and which of its policies applies (True: rerror, a read;
+# False: werror). Block status is a query, not I/O: its errors only go to the client.
+_POLICY = {
+    P.CMD_READ: True,
+    P.CMD_CACHE: True,
+    P.CMD_WRITE: False,
+    P.CMD_WRITE_ZEROES: False,
+    P.CMD_TRIM: False,
+    P.CMD_FLUSH: False,
 }
 
 # QEMU's texts for a command that failed in the block layer.

@@ -25,6 +25,7 @@ from blockgraph.graph.node import BlockBackend, Node
 from blockgraph.graph.reopen import reopen_many
 from blockgraph.graph.snapshot import external_snapshot
 from blockgraph.jobs.job import JobManager
+from blockgraph.monitor.chardev import ChardevRegistry
 from blockgraph.monitor.hmp import HMP
 from blockgraph.monitor.qmp import exports, jobcmds, query
 from blockgraph.monitor.qmp.encode import qdict_order
@@ -32,7 +33,7 @@ from blockgraph.monitor.qmp.protocol import version_info
 from blockgraph.objects import add_object
 from blockgraph.options.keyval import flatten
 
-__all__ = ["QMPMonitor", "Flavour", "check_blockdev_options"]
+__all__ = ["QMPMonitor", "Flavour", "check_blockdev_options", "request_quit"]
 
 Flavour = str  # "storage-daemon" or "system"
 
@@ -257,6 +258,7 @@ class QMPMonitor:
     output: Callable[[str], None] = lambda line: None
     on_quit: Callable[[], None] = lambda: None
     owned: set[str] = field(default_factory=set)
+    chardevs: ChardevRegistry = field(default_factory=ChardevRegistry)
     listeners: list[Callable[[str, dict[str, object] | None], None]] = field(default_factory=list)
     quitting: bool = False
     jobs: JobManager = field(init=False)
@@ -355,13 +357,37 @@ async def _object_del(mon: QMPMonitor, args: dict[str, Any]) -> object:
     return {}
 
 
-async def _quit(mon: QMPMonitor, args: dict[str, Any]) -> object:
+def request_quit(mon: QMPMonitor) -> None:
+    """``quit`` from QMP or HMP: the system emulator announces its shutdown first."""
     if mon.flavour == "system":
         mon.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
     mon.jobs.shutdown()
     mon.quitting = True
     mon.on_quit()
+
+
+async def _quit(mon: QMPMonitor, args: dict[str, Any]) -> object:
+    request_quit(mon)
     return {}
+
+
+async def _query_status(mon: QMPMonitor, args: dict[str, Any]) -> object:
+    # StatusInfo in schema order.
+    return {"running": mon.layer.vm_running, "singlestep": False, "status": mon.layer.run_state}
+
+
+async def _stop(mon: QMPMonitor, args: dict[str, Any]) -> object:
+    mon.layer.vm_stop("paused")
+    return {}
+
+
+async def _cont(mon: QMPMonitor, args: dict[str, Any]) -> object:
+    mon.layer.vm_resume()
+    return {}
+
+
+async def _query_chardev(mon: QMPMonitor, args: dict[str, Any]) -> object:
+    return mon.chardevs.query()
 
 
 async def _blockdev_add(mon: QMPMonitor, args: dict[str, Any]) -> object:
@@ -465,11 +491,8 @@ async def _block_resize(mon: QMPMonitor, args: dict[str, Any]) -> object:
 
 
 async def _human_monitor_command(mon: QMPMonitor, args: dict[str, Any]) -> object:
-    def hmp_quit() -> None:
-        mon.quitting = True
-        mon.on_quit()
-
-    text = await HMP(mon.layer, hmp_quit).execute(str(args["command-line"]))
+    text = await HMP(mon.layer, lambda: request_quit(mon), mon.chardevs).execute(
+        str(args["command-line"]))
     return text.replace("\n", "\r\n")
 
 
@@ -548,4 +571,10 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("query-block-jobs", (), _query_block_jobs),
     CommandSpec("query-blockstats", (opt("query-nodes", BOOL),), _query_blockstats),
     CommandSpec("query-block", (), _query_block),
+    CommandSpec("query-chardev", (), _query_chardev),
+    # Not in qemu-storage-daemon 7.2 (it has no VM to stop), but our storage daemon's --drive
+    # exports can stop on an I/O error and need them.
+    CommandSpec("query-status", (), _query_status),
+    CommandSpec("stop", (), _stop),
+    CommandSpec("cont", (), _cont),
 )

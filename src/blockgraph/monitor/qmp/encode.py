@@ -74,41 +74,48 @@ def _scalar(value: object) -> str:
     raise TypeError(f"cannot encode {type(value).__name__} for QMP")
 
 
-def encode(value: object) -> str:
+def encode(value: object, *, pretty: bool = False) -> str:
     """Serialise ``value`` (dicts, lists, str, int, float, bool, None) as QEMU does.
+
+    With ``pretty`` (a monitor's ``pretty=on``) every member and element goes on a line of
+    its own, indented by four spaces per level, and an empty container still spans two lines
+    (``{`` then ``}`` at its own level), as QEMU's pretty printer writes them; lines end in
+    ``\n`` (the server sends them as CR LF).
 
     Iterative, so that a 1024-deep ``id`` echoed back does not exhaust Python's stack.
     """
     out: list[str] = []
-    # Work items: a value to write, or a literal string to append.
-    stack: list[tuple[bool, object]] = [(False, value)]
+    # Work items: (is a literal, a value to write or a literal string, nesting level).
+    stack: list[tuple[bool, object, int]] = [(False, value, 0)]
     while stack:
-        literal, item = stack.pop()
+        literal, item, level = stack.pop()
         if literal:
             out.append(str(item))
             continue
-        if isinstance(item, Mapping):
+        if isinstance(item, Mapping | list | tuple):
+            is_map = isinstance(item, Mapping)
+            opening, closing = ("{", "}") if is_map else ("[", "]")
             if not item:
-                out.append("{}")
+                out.append(f"{opening}\n{'    ' * level}{closing}" if pretty
+                           else opening + closing)
                 continue
-            keys = qdict_order(item.keys())
-            pending: list[tuple[bool, object]] = [(True, "{")]
-            for index, key in enumerate(keys):
-                prefix = ", " if index else ""
-                pending.append((True, f"{prefix}{_string(key)}: "))
-                pending.append((False, item[key]))
-            pending.append((True, "}"))
-            stack.extend(reversed(pending))
-        elif isinstance(item, list | tuple):
-            if not item:
-                out.append("[]")
-                continue
-            pending = [(True, "[")]
-            for index, element in enumerate(item):
-                if index:
-                    pending.append((True, ", "))
-                pending.append((False, element))
-            pending.append((True, "]"))
+            if pretty:
+                separator, first, end = ",\n" + "    " * (level + 1), "\n" + "    " * (level + 1), (
+                    "\n" + "    " * level)
+            else:
+                separator, first, end = ", ", "", ""
+            pending: list[tuple[bool, object, int]] = [(True, opening + first, level)]
+            if isinstance(item, Mapping):
+                for index, key in enumerate(qdict_order(item.keys())):
+                    prefix = separator if index else ""
+                    pending.append((True, f"{prefix}{_string(key)}: ", level))
+                    pending.append((False, item[key], level + 1))
+            else:
+                for index, element in enumerate(item):
+                    if index:
+                        pending.append((True, separator, level))
+                    pending.append((False, element, level + 1))
+            pending.append((True, end + closing, level))
             stack.extend(reversed(pending))
         else:
             out.append(_scalar(item))

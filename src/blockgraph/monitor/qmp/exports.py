@@ -268,7 +268,18 @@ async def _stop(mon: QMPMonitor, st: ExportState) -> None:
 # -- exports -----------------------------------------------------------------------------------
 
 
-async def _add(mon: QMPMonitor, args: Mapping[str, Any], node: Node | None = None) -> None:
+def _drive(mon: QMPMonitor, name: str) -> BlockBackend | None:
+    """The drive (a named BlockBackend with a medium) called ``name``, if any.
+
+    Exporting a drive by its id makes the export that drive's device (its rerror/werror
+    policy applies; a blockgraph addition: QEMU 7.2 exports only take node names).
+    """
+    backend = mon.layer.find_backend(name)
+    return backend if backend is not None and backend.root is not None else None
+
+
+async def _add(mon: QMPMonitor, args: Mapping[str, Any], node: Node | None = None,
+               device: BlockBackend | None = None) -> None:
     """``blk_exp_add``: ``args`` are checked BlockExportOptions."""
     st = state(mon)
     ident = str(args["id"])
@@ -276,6 +287,9 @@ async def _add(mon: QMPMonitor, args: Mapping[str, Any], node: Node | None = Non
         raise BlockError("Invalid block export id")
     if st.find(ident) is not None:
         raise BlockError(f"Block export id '{ident}' is already in use")
+    if node is None:
+        device = _drive(mon, str(args["node-name"]))
+        node = device.root if device is not None else None
     if node is None:
         node = mon.lookup_bs(None, str(args["node-name"]))
     writable = bool(args.get("writable", False))
@@ -289,7 +303,7 @@ async def _add(mon: QMPMonitor, args: Mapping[str, Any], node: Node | None = Non
     server = st.server
     if server is None:
         raise BlockError("NBD server not running")
-    name = str(args.get("name", node.node_name))
+    name = str(args.get("name", args["node-name"]))
     if len(name.encode()) > MAX_STRING_SIZE:
         raise BlockError(f"export name '{name}' too long")
     description = str(args.get("description", ""))
@@ -316,7 +330,11 @@ async def _add(mon: QMPMonitor, args: Mapping[str, Any], node: Node | None = Non
     backend.read_only = not writable
     backend.attach(node)
     nbd = NBDExport(name, backend, description=description, read_only=not writable,
-                    allocation_depth=bool(args.get("allocation-depth", False)), bitmaps=bitmaps)
+                    allocation_depth=bool(args.get("allocation-depth", False)), bitmaps=bitmaps,
+                    device=device)
+    if device is not None:
+        # As a guest device does, the export turns on the drive's I/O status.
+        device.iostatus_enabled = True
     server.exports[name] = nbd
     st.exports.append(BlockExport(ident, node, nbd))
 
@@ -334,6 +352,10 @@ async def _remove(mon: QMPMonitor, st: ExportState, export: BlockExport) -> None
     with contextlib.suppress(Exception):
         await export.nbd.backend.flush()
     export.nbd.backend.attach(None)
+    device = export.nbd.device
+    if device is not None and not any(e.nbd.device is device for e in st.exports
+                                      if e is not export):
+        device.iostatus_enabled = False
     if export in st.exports:
         st.exports.remove(export)
     mon.emit("BLOCK_EXPORT_DELETED", {"id": export.id})
@@ -381,6 +403,7 @@ async def nbd_server_add(mon: QMPMonitor, args: dict[str, Any]) -> object:
         raise BlockError("NBD server not running")
     device = str(args["device"])
     node = mon.lookup_bs(device, device)
+    drive = _drive(mon, device)
     name = str(args.get("name", device))
     options: dict[str, Any] = {"type": "nbd", "id": name, "node-name": node.node_name,
                                "name": name,
@@ -390,7 +413,7 @@ async def nbd_server_add(mon: QMPMonitor, args: dict[str, Any]) -> object:
         options["description"] = args["description"]
     if "bitmap" in args:
         options["bitmaps"] = [args["bitmap"]]
-    await _add(mon, options, node)
+    await _add(mon, options, node, drive if drive is not None and drive.root is node else None)
     return {}
 
 

@@ -111,8 +111,9 @@ def version_info(package: str | None = None) -> dict[str, object]:
             "package": package if package is not None else f"blockgraph {BLOCKGRAPH_VERSION}"}
 
 
-def _line(value: object) -> bytes:
-    return (encode(value) + "\r\n").encode("ascii")
+def _line(value: object, pretty: bool = False) -> bytes:
+    text = encode(value, pretty=pretty) + "\n"
+    return text.replace("\n", "\r\n").encode("ascii")
 
 
 def error_object(error_class: str, desc: str) -> dict[str, object]:
@@ -126,6 +127,7 @@ class QMPConnection:
         out-of-band check, which come before argument checking).
     :param package: the ``package`` string of the greeting and ``query-version``.
     :param clock: wall-clock time for event timestamps (tests pass a fixed one).
+    :param pretty: write every message pretty-printed (the monitor's ``pretty=on``).
     """
 
     def __init__(
@@ -134,7 +136,9 @@ class QMPConnection:
         *,
         package: str | None = None,
         clock: Callable[[], float] = time.time,
+        pretty: bool = False,
     ) -> None:
+        self.pretty = pretty
         self.state = State.NEGOTIATION
         self.oob_enabled = False
         self._known = known_commands
@@ -159,7 +163,7 @@ class QMPConnection:
     def greeting(self) -> bytes:
         """The banner the server sends as soon as a client connects."""
         return _line({"QMP": {"version": version_info(self._package),
-                              "capabilities": list(CAPABILITIES)}})
+                              "capabilities": list(CAPABILITIES)}}, self.pretty)
 
     def send_return(self, command: Command, value: object) -> bytes:
         """The success reply to ``command`` (``value`` is ``{}`` for commands without data)."""
@@ -191,7 +195,7 @@ class QMPConnection:
     def _out(self, message: dict[str, object]) -> bytes:
         if self.state is State.CLOSED:
             return b""
-        return _line(message)
+        return _line(message, self.pretty)
 
     @staticmethod
     def _error(has_id: bool, ident: object, error_class: str, desc: str) -> dict[str, object]:
@@ -212,7 +216,8 @@ class QMPConnection:
         events: list[Event] = []
         for message in self._stream.feed(data):
             if message.error is not None:
-                events.append(Reply(_line(self._error(False, None, "GenericError", message.error))))
+                events.append(Reply(_line(self._error(False, None, "GenericError", message.error),
+                                          self.pretty)))
             else:
                 events.append(self._request(message.value))
         return events

@@ -1,12 +1,16 @@
-"""QMP over asyncio: unix socket servers and stdio, one :class:`QMPConnection` per client.
+"""QMP over asyncio: a monitor on a chardev (a socket or stdio), one :class:`QMPConnection`
+per client.
 
 Thin by design: read bytes, hand them to the protocol core, run the commands it yields one
-after the other (QEMU's in-band commands never overlap), write what comes back.
+after the other (QEMU's in-band commands never overlap), write what comes back. A socket
+chardev serves its clients one at a time, as QEMU's monitor does: the next client waits in the
+listen backlog until the previous one has gone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -14,6 +18,7 @@ import threading
 from collections.abc import Awaitable, Callable
 
 from blockgraph.errors import BlockError
+from blockgraph.monitor.chardev import Chardev
 from blockgraph.monitor.qmp.commands import QMPMonitor
 from blockgraph.monitor.qmp.protocol import Command, QMPConnection
 
@@ -35,8 +40,11 @@ class QMPServer:
         self.monitor = monitor
         self.package = package
         self.quit = asyncio.Event()
-        self._servers: list[tuple[asyncio.AbstractServer, str]] = []
-        self._sessions: set[asyncio.Task[None]] = set()
+        self._chardevs: list[Chardev] = []
+        self._loops: set[asyncio.Task[None]] = set()
+        self._quitting_writers: list[asyncio.StreamWriter] = []
+        # Descriptors of connections whose client sent quit, left for the process exit.
+        self.held_connections: list[int] = []
         previous = monitor.on_quit
 
         def on_quit() -> None:
@@ -47,9 +55,9 @@ class QMPServer:
 
     async def session(self, read: Callable[[], Awaitable[bytes]],
                       write: Callable[[bytes], None],
-                      drain: Callable[[], Awaitable[None]]) -> None:
+                      drain: Callable[[], Awaitable[None]], *, pretty: bool = False) -> None:
         """Run one client session until it disconnects or ``quit`` is accepted."""
-        conn = QMPConnection(self.monitor.command_names(), package=self.package)
+        conn = QMPConnection(self.monitor.command_names(), package=self.package, pretty=pretty)
         session_log = log.getChild(str(id(conn)))
 
         def on_event(name: str, data: dict[str, object] | None) -> None:
@@ -88,23 +96,45 @@ class QMPServer:
             return conn.send_error(command, "GenericError", str(exc) or type(exc).__name__)
         return conn.send_return(command, value)
 
-    # -- unix sockets ---------------------------------------------------------------------------
+    # -- chardevs -----------------------------------------------------------------------------
 
-    async def serve_unix(self, path: str) -> None:
-        """Listen on the unix socket ``path`` (an existing file there is replaced, as QEMU does).
+    def serve_chardev(self, chardev: Chardev, *, pretty: bool = False) -> None:
+        """Serve QMP on ``chardev`` (already open) from now on, in the background.
 
-        Returns once the socket accepts connections.
+        A stdio session that ends (end of input or ``quit``) ends the process, as it does in
+        QEMU's ``-qmp stdio``.
         """
-        if os.path.exists(path):
-            os.unlink(path)
-        server = await asyncio.start_unix_server(self._client, path)
-        self._servers.append((server, path))
+        chardev.in_use = True
+        self._chardevs.append(chardev)
+        if chardev.backend == "stdio":
+            task = asyncio.ensure_future(self.serve_stdio(pretty=pretty))
+        else:
+            task = asyncio.ensure_future(self._accept_loop(chardev, pretty))
+        self._loops.add(task)
+        task.add_done_callback(self._loops.discard)
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._sessions.add(task)
+    async def _accept_loop(self, chardev: Chardev, pretty: bool) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.quit.is_set():
+            sock = chardev.first
+            chardev.first = None
+            if sock is None:
+                if chardev.listener is None:
+                    return  # a client-mode socket serves its one connection
+                try:
+                    sock, _ = await loop.sock_accept(chardev.listener)
+                except OSError:
+                    return
+            chardev.connected(sock)
+            try:
+                sock.setblocking(False)
+                reader, writer = await asyncio.open_connection(sock=sock)
+                await self._client(reader, writer, pretty)
+            finally:
+                chardev.disconnected()
 
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      pretty: bool) -> None:
         async def read() -> bytes:
             try:
                 return await reader.read(_READ_SIZE)
@@ -122,19 +152,24 @@ class QMPServer:
                 pass
 
         try:
-            await self.session(read, write, drain)
+            await self.session(read, write, drain, pretty=pretty)
         finally:
-            self._sessions.discard(task)
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except (ConnectionError, asyncio.CancelledError):
-                pass
+            if self.monitor.quitting:
+                # As in QEMU, the client that sent quit sees the connection end only when the
+                # process exits (see close()), not right after the reply: clients such as
+                # qemu.qmp disconnect cleanly only if they get there first.
+                self._quitting_writers.append(writer)
+            else:
+                writer.close()
+                try:
+                    await writer.wait_closed()
+                except (ConnectionError, asyncio.CancelledError):
+                    pass
 
     # -- stdio ----------------------------------------------------------------------------------
 
-    async def serve_stdio(self) -> None:
-        """Serve one session on stdin/stdout; return when it ends."""
+    async def serve_stdio(self, *, pretty: bool = False) -> None:
+        """Serve one session on stdin/stdout; return when it ends (and set :attr:`quit`)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[bytes] = asyncio.Queue()
         fd = sys.stdin.fileno()
@@ -161,21 +196,29 @@ class QMPServer:
         async def drain() -> None:
             return None
 
-        await self.session(queue.get, write, drain)
+        await self.session(queue.get, write, drain, pretty=pretty)
         self.quit.set()
 
     # -- shutdown -------------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Stop listening, end every session, remove the socket files."""
-        for server, path in self._servers:
-            server.close()
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-        for task in list(self._sessions):
+        """End every session, stop listening, remove the unix socket files."""
+        for task in list(self._loops):
             task.cancel()
-        for server, _ in self._servers:
-            await server.wait_closed()
-        self._servers.clear()
+        for task in list(self._loops):
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        for chardev in self._chardevs:
+            chardev.close()
+        self._chardevs.clear()
+        for writer in self._quitting_writers:
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                # A duplicate of the descriptor keeps the connection open until the process
+                # exits; the operating system closes it then.
+                with contextlib.suppress(OSError):
+                    self.held_connections.append(os.dup(sock.fileno()))
+            writer.close()
+        self._quitting_writers.clear()
