@@ -341,6 +341,8 @@ class _Daemon:
         finally:
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
+                # Stopping already: a second signal must not cut the final flushes short.
+                signal.signal(signum, signal.SIG_IGN)
             await exports.shutdown(self.monitor)
             await self.server.close()
             self.chardevs.close()
