@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import precompile
+
 BLOCKGRAPH = [str(Path(sys.executable).with_name("blockgraph")), "img"]
 QEMU_IMG = ["qemu-img"]
 SEGMENT = 1 << 20
@@ -91,6 +93,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--count", type=int, default=20000, help="requests per bench run")
     parser.add_argument("--workdir", default=None)
     opts, _unknown = parser.parse_known_args(argv)  # run.py passes one argv to all
+    precompile()
     if shutil.which("qemu-img") is None:
         print("qemu-img is not installed: nothing to compare against")
         return 1

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from common import precompile
+
 BLOCKGRAPH = Path(sys.executable).parent / "blockgraph"
 
 # name, fio arguments, writethrough export
@@ -104,6 +106,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--runtime", type=int, default=10, help="seconds per fio job at most")
     parser.add_argument("--workdir", help="where images go (default: a temp dir)")
     args, _unknown = parser.parse_known_args(argv)  # run.py passes one argv to all
+    precompile()
     missing = [t for t in ("fio", "nbdcopy", "qemu-storage-daemon", "qemu-img") if not shutil.which(t)]
     if missing:
         print(f"nbd_bench: missing {', '.join(missing)}; skipped")
