@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEBIAN_ORACLES := qemu-utils qemu-system-x86 nbdkit libnbd-bin python3-libnbd fio
+DEBIAN_ORACLES := qemu-utils qemu-system-x86 nbdkit libnbd-bin python3-libnbd fio openssl
 RUN_DIR := run
 
 .PHONY: run test venv oracles lint typecheck pytest clean bench
