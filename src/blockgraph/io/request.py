@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 # Bounce buffers for zero writes that the driver cannot do natively are written in pieces of
 # this size, so a huge write_zeroes does not allocate a huge buffer.
 _ZERO_CHUNK = 1 << 20
+# The most one copy-on-read step holds in memory.
+_PREFETCH_CHUNK = 1024 * 1024
 
 
 @dataclass
@@ -264,6 +266,47 @@ class IONode:
         # A driver without native FUA gets the same guarantee from a flush after the write.
         if flags & RequestFlags.FUA and not self.driver.supported_write_flags & RequestFlags.FUA:
             await self.flush()
+
+    async def prefetch(self, offset: int, length: int) -> None:
+        """Copy on read (NBD_CMD_CACHE; QEMU's ``BDRV_REQ_COPY_ON_READ | BDRV_REQ_PREFETCH``).
+
+        Every cluster of ``[offset, offset + length)`` this node has not allocated is read
+        through its backing chain and written into it, so later reads stop going down the
+        chain; a cluster that reads as zeroes is written as zeroes. Each step serialises over
+        its whole clusters, as QEMU's copy-on-read requests do: a guest write landing between
+        the copy's read and its write-back would otherwise be overwritten with the old data.
+
+        :raise IOFailure: a failed read or write; EPERM when a copy is needed on a read-only
+            node (nothing is needed when the node holds the whole range).
+        """
+        size_info = self.driver.info().extra.get("cluster-size")
+        cluster = int(str(size_info)) if size_info else 512
+        pos = offset - offset % cluster
+        end = min(self.getlength(), -(-(offset + length) // cluster) * cluster)
+        chunk = max(cluster, _PREFETCH_CHUNK - _PREFETCH_CHUNK % cluster)
+        while pos < end:
+            step_end = min(end, pos + chunk)
+            tracked = await self._begin(pos, step_end, serialising=True)
+            try:
+                status = await self.block_status(pos, step_end - pos)
+                step = status.length
+                if step <= 0:
+                    return
+                if not status.flags & BlockStatusFlags.ALLOCATED:
+                    self._check_writable()
+                    data = bytearray(step)
+                    view = memoryview(data)
+                    # Straight to the driver: this request already holds the range.
+                    await self.driver.preadv(pos, view, RequestFlags.NONE)
+                    if data.count(0) == step:
+                        await self.driver.pwrite_zeroes(pos, step, RequestFlags.NONE)
+                    else:
+                        await self.driver.pwritev(pos, view, RequestFlags.NONE)
+                    if self.dirty_bitmaps:
+                        self._mark_dirty(pos, step)
+            finally:
+                self._end(tracked)
+            pos += step
 
     async def pwrite_zeroes(self, offset: int, length: int, flags: RequestFlags = RequestFlags.NONE) -> None:
         """Make ``length`` bytes at ``offset`` read as zeroes (unmapping them if MAY_UNMAP)."""

@@ -36,7 +36,6 @@ from blockgraph.errors import IOFailure
 from blockgraph.export.nbd import protocol as P
 from blockgraph.export.nbd.status import chain_status, extents
 from blockgraph.graph.node import BlockBackend, Node
-from blockgraph.io.copy_on_read import prefetch
 from blockgraph.objects import ObjectRegistry
 from blockgraph.objects.tls import TlsCredsX509, peer_distinguished_name
 
@@ -487,7 +486,7 @@ class _Client:
     async def _cache(self, export: NBDExport, request: P.Request) -> None:
         # A prefetch, as qemu-nbd does it: copy on read into the export's node, nothing returned.
         if request.length:
-            await prefetch(export.root, request.offset, request.length)
+            await export.root.prefetch(request.offset, request.length)
         self.conn.reply_ok(request.cookie)
 
     async def _block_status(self, export: NBDExport, request: P.Request) -> None:
