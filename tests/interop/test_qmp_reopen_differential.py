@@ -51,7 +51,11 @@ _CHILDREN_ADDS: list[dict[str, object]] = [
     {"driver": "file", "node-name": "ro", "filename": "raw.img", "read-only": True},
     {"driver": "file", "node-name": "f2", "filename": "r.qcow2"},
     {"driver": "raw", "node-name": "raw", "file": {"driver": "file", "filename": "raw.img"}},
+    {"driver": "qcow2", "node-name": "dq",
+     "file": {"driver": "file", "filename": "dq.qcow2", "node-name": "dqf"},
+     "data-file": {"driver": "file", "filename": "dd.raw", "node-name": "dd"}},
 ]
+_DQ: dict[str, object] = {"driver": "qcow2", "node-name": "dq", "file": "dqf"}
 CHILDREN_CASES: dict[str, list[list[dict[str, object]]]] = {
     "cycles and unknown nodes": [
         [{**_N, "file": "f", "backing": "n"}], [{**_N, "file": "n"}], [{**_N, "file": "nope"}],
@@ -60,6 +64,10 @@ CHILDREN_CASES: dict[str, list[list[dict[str, object]]]] = {
     "backing missing, then detached": [[_T], [{**_T, "backing": None}]],
     "read-only file under a writable node": [[{**_N, "file": "ro"}]],
     "file replaced": [[{"driver": "raw", "node-name": "raw", "file": "f2"}]],
+    "file made read-only under a writable parent": [
+        [{"driver": "file", "node-name": "f", "filename": "r.qcow2", "read-only": True}]],
+    "data file kept, refused, left out": [[{**_DQ, "data-file": "ro"}],
+                                          [{**_DQ, "data-file": "dd"}], [_DQ]],
     "backing attached then detached": [[{**_N, "file": "f", "backing": "t"}],
                                        [{**_N, "file": "f", "backing": None}]],
 }
@@ -89,6 +97,9 @@ def _transcript(command: list[str], directory: Path, adds: list[dict[str, object
     text = proc.stdout.replace(str(directory), "TEST_DIR")
     text = re.sub(r'"qemu": \{[^}]*\}, "package": "[^"]*"', "VERSION", text)
     text = re.sub(r"#block\d+", "#blockNNN", text)  # generated names end in random digits
+    # QEMU's read-write open of an image with a data file leaves one more 4 KiB block in its
+    # file; allocation is not what these cases are about.
+    text = re.sub(r'"actual-size": \d+', '"actual-size": N', text)
     return re.sub(r'"seconds": \d+, "microseconds": \d+', "TIMESTAMP", text)
 
 
@@ -102,7 +113,8 @@ def _differential(tmp_path: Path, adds: list[dict[str, object]],
         directory.mkdir()
         for args in (["-f", "qcow2", "r.qcow2", "1M"], ["-f", "qcow2", "b.qcow2", "1M"],
                      ["-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2"],
-                     ["-f", "raw", "raw.img", "1M"]):
+                     ["-f", "raw", "raw.img", "1M"], ["-f", "raw", "dd.raw", "1M"],
+                     ["-f", "qcow2", "-o", "data_file=dd.raw", "dq.qcow2", "1M"]):
             subprocess.run([qemu_img, "create", "-q", *args], cwd=directory, check=True)
         transcripts.append(_transcript(command, directory, adds, steps))
     theirs, mine = transcripts

@@ -78,8 +78,18 @@ def _queue(
         current_child = node.child(name)
         if current_child is not None and value == current_child.node.node_name:
             referenced.add(name)
-        else:
+        elif name in ("file", "backing"):
             replace[name] = _new_child(node, name, value)
+        else:
+            # QEMU re-parses only these two; any other child (data-file) stays as it is.
+            raise BlockError(f"Cannot change the option '{name}'")
+    if not keep_old:
+        for child in node.children:
+            if (child.name not in given and child.node.inherits_from is node
+                    and not extract_subdict(dict(given), child.name)):
+                # An implicit child left out of blockdev-reopen would be reopened with no
+                # options at all; QEMU refuses that at its first option.
+                raise BlockError("Option 'driver' cannot be reset to its default value")
     child_given = {c.name: extract_subdict(own, c.name) for c in node.children}
     current = {"driver": node.driver_name, "node-name": node.node_name,
                "filename": driver.open_options().get("filename")}
@@ -175,6 +185,13 @@ def _check_writable_children(entries: Mapping[Node, _Entry]) -> None:
     """A node that writes needs its file and data children to accept writes (QEMU's perms)."""
     for entry in entries.values():
         if entry.flags.read_only:
+            # Going (or staying) read-only: no parent outside the queue may still write here.
+            for edge in entry.node.parents:
+                if edge.parent in entries or not edge.role & (ChildRole.DATA | ChildRole.METADATA):
+                    continue
+                if not edge.parent.flags.read_only:
+                    raise BlockError(f"Read-only block node '{entry.node.node_name}' cannot "
+                                     "support read-write users")
             continue
         for child in entry.node.children:
             if not child.role & (ChildRole.DATA | ChildRole.METADATA):
