@@ -383,3 +383,24 @@ def test_quit_while_stopped(daemons: list[_Daemon], tmp_path: Path, image: Path)
     with pytest.raises(nbd.Error):
         while True:
             client.poll(-1)  # the connection ends, the write unanswered
+
+
+@pytest.mark.parametrize("ending", ["quit", "nbd-server-stop"])
+def test_full_request_window_held_while_stopped(daemons: list[_Daemon], tmp_path: Path,
+                                               image: Path, ending: str) -> None:
+    """Sixteen held writes fill the connection's request window; quit and nbd-server-stop
+    still end it (the read loop waiting for a slot is cancelled, the held writes dropped)."""
+    daemon = _start(daemons, tmp_path, "d0",
+                    "--drive", _drive(image, "stop", "write_aio", errno.EIO, once=False))
+    client = daemon.client()
+    for i in range(16):
+        client.aio_pwrite(b"\x5a" * 4096, i * 4096)
+    daemon.wait_event("STOP")
+    if ending == "quit":
+        daemon.quit()  # asserts the daemon exits with status 0
+    else:
+        assert daemon.command("nbd-server-stop") == {}
+        assert daemon.command("query-block-exports") == []
+    with pytest.raises(nbd.Error):
+        while True:
+            client.poll(-1)  # the connection ends, the writes unanswered

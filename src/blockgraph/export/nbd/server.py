@@ -138,6 +138,9 @@ class NBDServer:
             if c.export is export:
                 c.writer.close()
                 if c.task is not None:
+                    # Its read loop may be waiting for a request slot that held requests keep
+                    # (a stopped VM): only cancelling it ends the connection for sure.
+                    c.task.cancel()
                     tasks.append(c.task)
         return tasks
 
@@ -182,6 +185,10 @@ class NBDServer:
                     await self._serve(reader, writer)
             else:
                 await self._serve(reader, writer)
+        except asyncio.CancelledError:
+            # Ended by close() or disconnect(), which wait for us. Ending normally keeps
+            # asyncio's stream callback from logging the cancellation as a failure.
+            pass
         finally:
             self._connections.discard(task)
 
@@ -226,6 +233,10 @@ class _Client:
         self._flush_scheduled = False
         self._slot_waiter: asyncio.Future[None] | None = None
         self._big_reply_lock = asyncio.Lock()
+        # Requests waiting for a stopped VM to run again (drive exports only), and whether the
+        # connection is ending: then such requests are dropped instead of held.
+        self.held: set[asyncio.Task[None]] = set()
+        self.closing = False
 
     def flush(self) -> None:
         self._flush_scheduled = False
@@ -349,13 +360,12 @@ class _Client:
             waiter.set_result(None)
 
     async def close(self) -> None:
+        self.closing = True
         if self.tasks:
-            device = self.export.device if self.export is not None else None
-            if device is not None and not device.layer.vm_running:
-                # Requests held for a stopped VM would wait for a cont that may never come:
-                # they go with the connection, unanswered.
-                for task in self.tasks:
-                    task.cancel()
+            # Requests held for a stopped VM would wait for a cont that may never come: they
+            # go with the connection, unanswered. Requests doing I/O are never cut short.
+            for task in self.held:
+                task.cancel()
             # Outstanding requests finish (and are answered) before the socket closes.
             await asyncio.gather(*self.tasks, return_exceptions=True)
         self.flush()
@@ -371,9 +381,17 @@ class _Client:
         assert export is not None
         device = export.device
         while True:
-            if device is not None:
+            if device is not None and not device.layer.vm_running:
                 # A device does no I/O while the VM is stopped.
-                await device.layer.wait_running()
+                if self.closing:
+                    return  # the client is gone: dropped, unanswered
+                task = asyncio.current_task()
+                assert task is not None
+                self.held.add(task)
+                try:
+                    await device.layer.wait_running()
+                finally:
+                    self.held.discard(task)
             try:
                 await COMMAND_HANDLERS[request.command](self, export, request)
             except IOFailure as exc:
@@ -381,7 +399,7 @@ class _Client:
                 if device is not None and is_read is not None:
                     action = device.handle_io_error(is_read, exc.errno)
                     if action == "stop":
-                        continue  # held until cont, then retried
+                        continue  # held until cont (or dropped if the client is gone), retried
                     if action == "ignore":
                         self._ignored(request)
                         break
