@@ -37,6 +37,8 @@ def test_commas_escape_and_later_keys_win() -> None:
      "None or one of 'path', 'fd' or 'host' option required."),
     ("socket,id=c0", "Unable to parse FD number "),
     ("socket,id=c0,fd=x,server=on", "Unable to parse FD number x"),
+    ("socket,id=c0,fd=99999999999999,server=on",
+     "Unable to parse FD number 99999999999999: Numerical result out of range"),
     ("socket,id=c0,path=/p,server=on,reconnect=1",
      "'reconnect' option is incompatible with socket in server listen mode"),
     ("socket,id=c0,path=/p,wait=off",
@@ -50,6 +52,11 @@ def test_chardev_errors(text: str, message: str) -> None:
     with pytest.raises(ChardevError) as err:
         parse_chardev(text)
     assert err.value.messages == (message,)
+
+
+def test_y_and_n_are_booleans() -> None:
+    chardev = parse_chardev("socket,id=c0,path=/p,server=y,wait=n")
+    assert chardev.server and chardev.opts["wait"] == "n"  # and the open does not wait
 
 
 def test_keys_of_other_backends_are_accepted() -> None:

@@ -29,6 +29,9 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from blockgraph.errors import OptionError
+from blockgraph.options.schema import parse_bool
+
 __all__ = ["Chardev", "ChardevError", "ChardevRegistry", "parse_chardev", "parse_legacy",
            "qemu_opts"]
 
@@ -102,8 +105,11 @@ def _check_types(opts: dict[str, str]) -> None:
     for key, value in opts.items():
         if key not in _KNOWN_KEYS:
             raise ChardevError(f"Invalid parameter '{key}'")
-        if key in _BOOL_KEYS and value not in ("on", "off", "yes", "no", "true", "false"):
-            raise ChardevError(f"Parameter '{key}' expects 'on' or 'off'")
+        if key in _BOOL_KEYS:
+            try:
+                parse_bool(key, value)  # QemuOpts' words, y and n included
+            except OptionError as exc:
+                raise ChardevError(str(exc)) from None
         if key in _NUMBER_KEYS and not value.isdigit():
             raise ChardevError(f"Parameter '{key}' expects a number")
 
@@ -112,7 +118,7 @@ def _on(opts: dict[str, str], key: str, default: bool) -> bool:
     value = opts.get(key)
     if value is None:
         return default
-    return value in ("on", "yes", "true")
+    return parse_bool(key, value)
 
 
 def _strerror(exc: OSError) -> str:
@@ -159,6 +165,9 @@ class Chardev:
             raise ChardevError("Unable to parse FD number ")
         if "fd" in opts and not opts["fd"].isdigit():
             raise ChardevError(f"Unable to parse FD number {opts['fd']}")
+        if "fd" in opts and int(opts["fd"]) > 2**31 - 1:
+            # QEMU parses it into an int: a bigger number is out of range there.
+            raise ChardevError(f"Unable to parse FD number {opts['fd']}: Numerical result out of range")
         if self.server and "reconnect" in opts:
             raise ChardevError("'reconnect' option is incompatible with socket in server listen mode")
         if not self.server and "wait" in opts:

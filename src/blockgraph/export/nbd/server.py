@@ -341,7 +341,8 @@ class _Client:
             return False
         ssl_object = self.writer.get_extra_info("ssl_object")
         refusal = "No certificate peer" if creds.peer_certificate_missing(ssl_object) else None
-        if refusal is None and self.server.tls_authz is not None:
+        # QEMU checks authz inside its peer-certificate check, which verify-peer=off skips.
+        if refusal is None and self.server.tls_authz is not None and creds.verify_peer:
             refusal = self.server.objects.authorize(self.server.tls_authz,
                                                     peer_distinguished_name(ssl_object))
         if refusal is not None:

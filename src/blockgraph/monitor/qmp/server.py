@@ -187,11 +187,17 @@ class QMPServer:
 
         threading.Thread(target=reader, name="qmp-stdin", daemon=True).start()
         out = sys.stdout.buffer
+        gone = False
 
         def write(data: bytes) -> None:
-            if data:
-                out.write(data)
-                out.flush()
+            nonlocal gone
+            if data and not gone:
+                try:
+                    out.write(data)
+                    out.flush()
+                except OSError:
+                    # The reader went away (a closed pipe): QEMU carries on silently.
+                    gone = True
 
         async def drain() -> None:
             return None
