@@ -16,6 +16,7 @@ above does the padding and the bounds checks once for every driver.
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
@@ -365,3 +366,18 @@ class BlockDriver:
 
     def reopen_abort(self) -> None:
         """Forget what ``reopen_prepare`` prepared."""
+
+
+def resolve_backing_filename(base: str, backing: str) -> str:
+    """QEMU's ``path_combine``: relative backing names are relative to the image's directory."""
+    if backing.startswith("json:") or os.path.isabs(backing) or _is_protocol(backing):
+        return backing
+    if base.startswith("json:") or _is_protocol(base):
+        return backing
+    return os.path.join(os.path.dirname(base), backing)
+
+
+def _is_protocol(name: str) -> bool:
+    colon = name.find(":")
+    slash = name.find("/")
+    return colon > 0 and (slash < 0 or colon < slash)

@@ -174,5 +174,6 @@ def attribute_status(status: BlockStatus, child: ChildAccess | None, length: int
     if file is None and int(status.flags) & _OFFSET_VALID:
         file = child
     if file is not status.file or status.length > length:
-        status = BlockStatus(status.flags, min(status.length, length), status.offset, file)
+        status = BlockStatus(status.flags, min(status.length, length), status.offset, file,
+                             status.recurse)
     return status

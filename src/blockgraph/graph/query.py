@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from blockgraph.drivers.base import SnapshotInfo
+from blockgraph.drivers.base import SnapshotInfo, resolve_backing_filename
 from blockgraph.graph.node import Node
 
 
@@ -48,12 +48,9 @@ def _allocated_bytes(node: Node) -> int | None:
 
 def _resolved(node: Node, name: str | None) -> str | None:
     """The header's backing file name taken relative to the image, as QEMU resolves it."""
-    if not name or os.path.isabs(name) or ":" in name:
+    if not name or node.file is None:
         return name
-    image = node.file.filename if node.file is not None else ""
-    if not image or image.startswith("json:"):
-        return name
-    return os.path.join(os.path.dirname(image), name)
+    return resolve_backing_filename(node.file.filename, name)
 
 
 def image_info(node: Node, *, chain: bool = False) -> ImageInfo:

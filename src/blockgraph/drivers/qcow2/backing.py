@@ -47,17 +47,21 @@ async def change_backing_file(drv: Qcow2Driver, backing_file: str | None,
     """
     if drv.file is None:
         raise BlockError("Operation not supported")
-    h = drv.header
-    saved = (h.backing_file, h.backing_format, h.backing_file_offset, h.backing_file_size)
-    h.backing_file = backing_file or None
-    h.backing_format = backing_format if backing_file else None
-    try:
-        cluster = build_header_cluster(h)
-    except BlockError:
-        h.backing_file, h.backing_format, h.backing_file_offset, h.backing_file_size = saved
-        raise
-    # The header must not point at tables that are not on disk yet.
-    await drv.flush_to_os()
-    await drv.file.flush()
-    await drv.file.pwritev(0, memoryview(cluster))
-    await drv.file.flush()
+    # Under the metadata lock from the first look at the header to its write: a guest write
+    # meanwhile could set the dirty bit or move the L1 table, and a header built before that
+    # would undo it on disk.
+    async with drv._lock:
+        h = drv.header
+        saved = (h.backing_file, h.backing_format, h.backing_file_offset, h.backing_file_size)
+        h.backing_file = backing_file or None
+        h.backing_format = backing_format if backing_file else None
+        try:
+            cluster = build_header_cluster(h)
+        except BlockError:
+            h.backing_file, h.backing_format, h.backing_file_offset, h.backing_file_size = saved
+            raise
+        # The header must not point at tables that are not on disk yet.
+        await drv._write_caches()
+        await drv.file.flush()
+        await drv.file.pwritev(0, memoryview(cluster))
+        await drv.file.flush()

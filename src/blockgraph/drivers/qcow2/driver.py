@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
-import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from blockgraph.drivers.base import (
     OpenContext,
     PreallocMode,
     RequestFlags,
+    resolve_backing_filename,
 )
 from blockgraph.drivers.bitmap import DirtyBitmap
 from blockgraph.drivers.qcow2.bitmaps import Qcow2Bitmaps
@@ -156,24 +156,9 @@ def _fill_zero(buf: memoryview) -> None:
         buf[pos : pos + n] = _ZERO_CHUNK[:n]
 
 
-def resolve_backing_filename(base: str, backing: str) -> str:
-    """QEMU's ``path_combine``: relative backing names are relative to the image's directory."""
-    if backing.startswith("json:") or os.path.isabs(backing) or _is_protocol(backing):
-        return backing
-    if base.startswith("json:") or _is_protocol(base):
-        return backing
-    return os.path.join(os.path.dirname(base), backing)
-
-
 def _hits(offset: int, end: int, start: int, size: int) -> bool:
     """Whether ``[offset, end)`` overlaps the ``size`` bytes at ``start``."""
     return size > 0 and start < end and offset < start + size
-
-
-def _is_protocol(name: str) -> bool:
-    colon = name.find(":")
-    slash = name.find("/")
-    return colon > 0 and (slash < 0 or colon < slash)
 
 
 @dataclass
