@@ -1150,7 +1150,9 @@ class Qcow2Driver(BlockDriver):
                 *[(host + k * cs) | QCOW_OFLAG_COPIED for k in range(count)],
             )
             self.l2_cache.mark_dirty(l2_offset)
-            if kind == "new":
+            if kind == "new" and not self.external_data:
+                # (In a data file the new cluster is the old one's place, guest offset ==
+                # host offset: "freeing" it would discard the data just written.)
                 for old in entries[first : first + count]:
                     await self._free_any_cluster(old)
 
