@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from blockgraph.errors import BlockError
+from blockgraph.options.schema import parse_bool
 
 if TYPE_CHECKING:
     from blockgraph.objects.tls import TlsCredsX509
@@ -42,8 +43,6 @@ TOOL_OBJECT_TYPES: tuple[str, ...] = tuple(t for t in OBJECT_TYPES if t != "ioth
 
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 _ID_HINT = "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter."
-_BOOL_WORDS = {"on": True, "yes": True, "true": True, "y": True,
-               "off": False, "no": False, "false": False, "n": False}
 
 
 class ObjectCreationError(BlockError):
@@ -113,9 +112,7 @@ def _check_members(members: Sequence[Member], props: dict[str, Any], keyval: boo
         value = props[name]
         if kind == "bool":
             if keyval and isinstance(value, str):
-                if value not in _BOOL_WORDS:
-                    raise BlockError(f"Parameter '{name}' expects 'on' or 'off'")
-                props[name] = _BOOL_WORDS[value]
+                props[name] = parse_bool(name, value)
             elif not isinstance(value, bool):
                 raise BlockError(f"Invalid parameter type for '{name}', expected: boolean")
         elif not isinstance(value, str):

@@ -26,6 +26,7 @@ from blockgraph.export.nbd.protocol import MAX_STRING_SIZE
 from blockgraph.export.nbd.server import NBDExport, NBDServer, unix_listener
 from blockgraph.export.nbd.status import find_bitmap
 from blockgraph.graph.node import BlockBackend, Node
+from blockgraph.options.schema import parse_bool
 
 if TYPE_CHECKING:
     from blockgraph.monitor.qmp.commands import Member, QMPMonitor
@@ -433,8 +434,6 @@ async def shutdown(mon: QMPMonitor) -> None:
 
 # -- command line ------------------------------------------------------------------------------
 
-_BOOL_WORDS = {"on": True, "yes": True, "true": True, "y": True,
-               "off": False, "no": False, "false": False, "n": False}
 
 
 def _typed(members: tuple[Member, ...], given: dict[str, object], prefix: str = "") -> None:
@@ -446,9 +445,7 @@ def _typed(members: tuple[Member, ...], given: dict[str, object], prefix: str = 
         path = f"{prefix}.{member.name}" if prefix else member.name
         kind = member.type.kind
         if kind == "bool":
-            if value not in _BOOL_WORDS:
-                raise BlockError(f"Parameter '{path}' expects 'on' or 'off'")
-            given[member.name] = _BOOL_WORDS[value]
+            given[member.name] = parse_bool(path, value)
         elif kind == "int":
             try:
                 given[member.name] = int(value, 0)
