@@ -18,6 +18,7 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -111,6 +112,32 @@ CASES = [
 ]
 
 
+def run_and_kill(img: Path, cache: str, ops: list[Any], kill_after: int) -> int:
+    """Run the writer on ``img`` and SIGKILL it once ``kill_after`` operations have been
+    reported complete (or when it finishes first).
+
+    :return: how many operations it reported complete.
+    """
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(img), cache, json.dumps(ops)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    done = 0
+    try:
+        line = proc.stdout.readline()
+        assert line == "ready\n", proc.stderr.read() if proc.stderr else line
+        while done < kill_after:
+            line = proc.stdout.readline()
+            if not line or line == "done\n":
+                break
+            done = int(line) + 1
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return done
+
+
 @pytest.mark.parametrize("cache,backing,lazy", CASES)
 def test_kill_writer(tmp_path: Path, cache: str, backing: bool, lazy: bool) -> None:
     require_qemu()
@@ -132,23 +159,7 @@ def test_kill_writer(tmp_path: Path, cache: str, backing: bool, lazy: bool) -> N
 
     ops = _ops(rng, 60)
     kill_after = rng.randrange(1, len(ops))
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(img), cache, json.dumps(ops)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout is not None
-    done = 0
-    try:
-        line = proc.stdout.readline()
-        assert line == "ready\n", proc.stderr.read() if proc.stderr else line
-        while done < kill_after:
-            line = proc.stdout.readline()
-            if not line or line == "done\n":
-                break
-            done = int(line) + 1
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    done = run_and_kill(img, cache, ops, kill_after)
 
     if lazy:
         # QEMU repairs a dirty image at read-write open; so do we (and silently for reads).

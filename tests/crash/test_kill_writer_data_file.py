@@ -7,10 +7,7 @@ The writer, the operations and the expectations are those of ``test_kill_writer`
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import signal
 import subprocess
 import sys
 import zlib
@@ -21,7 +18,7 @@ import pytest
 if str(Path(__file__).resolve().parents[2]) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.crash.test_kill_writer import CS, SIZE, WRITER, _expected, _ops  # noqa: E402
+from tests.crash.test_kill_writer import CS, SIZE, _expected, _ops, run_and_kill  # noqa: E402
 from tests.support.oracle import require_qemu, run  # noqa: E402
 
 from blockgraph.graph.layer import BlockLayer  # noqa: E402
@@ -47,23 +44,7 @@ def test_kill_writer_with_data_file(tmp_path: Path, cache: str, raw: bool, lazy:
 
     ops = _ops(rng, 60)
     kill_after = rng.randrange(1, len(ops))
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(img), cache, json.dumps(ops)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout is not None
-    done = 0
-    try:
-        line = proc.stdout.readline()
-        assert line == "ready\n", proc.stderr.read() if proc.stderr else line
-        while done < kill_after:
-            line = proc.stdout.readline()
-            if not line or line == "done\n":
-                break
-            done = int(line) + 1
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    done = run_and_kill(img, cache, ops, kill_after)
 
     layer = BlockLayer()
     try:

@@ -68,6 +68,11 @@ class _Tracked:
         self.done: asyncio.Event | None = None
 
 
+def _aligned_span(offset: int, length: int, align: int) -> tuple[int, int]:
+    """The smallest ``align``-aligned ``[start, end)`` that holds ``[offset, offset+length)``."""
+    return offset - offset % align, -(-(offset + length) // align) * align
+
+
 def _overlaps(a_start: int, a_end: int, b_start: int, b_end: int) -> bool:
     return a_start < b_end and b_start < a_end
 
@@ -412,9 +417,7 @@ class IONode:
         node = self._vmstate_node(offset, len(buf))
         if not len(buf):
             return
-        align = node.driver.request_alignment
-        start = offset - offset % align
-        end = -(-(offset + len(buf)) // align) * align
+        start, end = _aligned_span(offset, len(buf), node.driver.request_alignment)
         if start == offset and end == offset + len(buf):
             await node.driver.load_vmstate(offset, buf)
             return
@@ -428,9 +431,7 @@ class IONode:
         node._check_writable()
         if not len(buf):
             return
-        align = node.driver.request_alignment
-        start = offset - offset % align
-        end = -(-(offset + len(buf)) // align) * align
+        start, end = _aligned_span(offset, len(buf), node.driver.request_alignment)
         if start == offset and end == offset + len(buf):
             await node.driver.save_vmstate(offset, buf)
             return
