@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from blockgraph.errors import BlockError, OptionError
 from blockgraph.export.nbd.protocol import MAX_STRING_SIZE
-from blockgraph.export.nbd.server import NBDExport, NBDServer, unix_listener
+from blockgraph.export.nbd.server import NBDExport, NBDServer, inet_listener, unix_listener
 from blockgraph.graph.inherit import AIO_FLAG
 from blockgraph.graph.layer import BlockLayer
 from blockgraph.objects import ObjectRegistry, add_object, object_help
@@ -421,23 +421,9 @@ def _listen(s: _Settings) -> socket.socket:
         except OSError as exc:
             raise _Exit(f"Failed to bind socket to {s.socket_path}: {os.strerror(exc.errno or 0)}") from None
     try:
-        infos = socket.getaddrinfo(s.bind, s.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (socket.gaierror, UnicodeError) as exc:
-        text = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
-        raise _Exit(f"address resolution failed for {s.bind}:{s.port}: {text}") from None
-    last: OSError | None = None
-    for family, kind, proto, _, addr in infos:
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(addr)
-            sock.listen(128)
-            return sock
-        except OSError as exc:
-            sock.close()
-            last = exc
-    reason = os.strerror(last.errno or 0) if last is not None else "unknown error"
-    raise _Exit(f"Failed to bind socket: {reason}")
+        return inet_listener(s.bind, str(s.port))
+    except BlockError as exc:
+        raise _Exit(str(exc)) from None
 
 
 async def _run_server(s: _Settings, export: NBDExport, listener: socket.socket) -> None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockgraph.drivers.base import BlockStatusFlags, RequestFlags
-from blockgraph.errors import IOFailure
+from blockgraph.errors import BlockError, IOFailure
 from blockgraph.export.nbd import protocol as P
 from blockgraph.export.nbd.status import chain_status, extents
 from blockgraph.graph.node import BlockBackend, Node
@@ -570,3 +570,29 @@ def unix_listener(path: str) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def inet_listener(host: str, port: str) -> socket.socket:
+    """A listening TCP socket on the first address ``host``:``port`` resolves to that binds.
+
+    :raise BlockError: QEMU's texts for a name that does not resolve or a failed bind.
+    """
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        text = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        raise BlockError(f"address resolution failed for {host}:{port}: {text}") from None
+    last: OSError | None = None
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(128)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+    reason = os.strerror(last.errno or 0) if last is not None else "unknown error"
+    raise BlockError(f"Failed to bind socket: {reason}")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from blockgraph.errors import BlockError
 from blockgraph.export.nbd.protocol import MAX_STRING_SIZE
-from blockgraph.export.nbd.server import NBDExport, NBDServer, unix_listener
+from blockgraph.export.nbd.server import NBDExport, NBDServer, inet_listener, unix_listener
 from blockgraph.export.nbd.status import find_bitmap
 from blockgraph.graph.node import BlockBackend, Node
 from blockgraph.options.schema import parse_bool
@@ -175,28 +175,6 @@ def _check_export(args: Mapping[str, object]) -> None:
 # -- the server --------------------------------------------------------------------------------
 
 
-def _bind_inet(host: str, port: str) -> socket.socket:
-    try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-    except (socket.gaierror, UnicodeError) as exc:
-        text = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
-        raise BlockError(f"address resolution failed for {host}:{port}: {text}") from None
-    last: OSError | None = None
-    for family, kind, proto, _, address in infos:
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-            sock.listen(128)
-            return sock
-        except OSError as exc:
-            sock.close()
-            last = exc
-    reason = os.strerror(last.errno or 0) if last is not None else "unknown error"
-    raise BlockError(f"Failed to bind socket: {reason}")
-
-
 def _listen(kind: str, data: Mapping[str, Any], from_cli: bool) -> socket.socket:
     if kind == "unix":
         path = str(data["path"])
@@ -205,7 +183,7 @@ def _listen(kind: str, data: Mapping[str, Any], from_cli: bool) -> socket.socket
         except OSError as exc:
             raise BlockError(f"Failed to bind socket to {path}: {os.strerror(exc.errno or 0)}") from None
     if kind == "inet":
-        return _bind_inet(str(data["host"]), str(data["port"]))
+        return inet_listener(str(data["host"]), str(data["port"]))
     if kind == "fd":
         if not from_cli:
             raise BlockError("only QEMU supports file descriptor passing")
