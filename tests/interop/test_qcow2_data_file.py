@@ -510,6 +510,23 @@ def _system_qemu() -> str:
     return qemu
 
 
+def _system_qmp(cwd: Path, argv: list[str], requests: bytes, count: int) -> list[bytes]:
+    """Send ``requests`` to a system emulator's ``-qmp stdio`` and read ``count`` lines.
+
+    stdin stays open until they have come: QEMU would exit at its end before answering.
+    """
+    proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(requests)
+    proc.stdin.flush()
+    lines = [proc.stdout.readline() for _ in range(count)]
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 0
+    return lines
+
+
 def _system_filter(text: str) -> str:
     text = re.sub(r"#block\d+", "#blockNNN", text)
     text = re.sub(r'"seconds": \d+, "microseconds": \d+', "TIMESTAMP", text)
@@ -535,17 +552,8 @@ def test_qmp_and_hmp_show_the_data_file(tmp_path: Path, raw: bool) -> None:
               "if=none,id=d0,file=x.qcow2,node-name=n1", "-qmp", "stdio"]
     outputs = []
     for command in ([qemu], [sys.executable, "-m", "blockgraph", "system"]):
-        proc = subprocess.Popen([*command, *common], cwd=tmp_path, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(requests)
-        proc.stdin.flush()
-        # Greeting, 4 replies, SHUTDOWN, the reply to quit; stdin stays open until then, or
-        # QEMU would exit before answering.
-        lines = [proc.stdout.readline() for _ in range(7)]
-        proc.stdin.close()
-        assert proc.wait(timeout=60) == 0
+        # Greeting, 4 replies, SHUTDOWN, the reply to quit.
+        lines = _system_qmp(tmp_path, [*command, *common], requests, 7)
         outputs.append(_system_filter(b"".join(lines).decode("ascii")))
     assert outputs[1] == outputs[0]
     assert '"data-file": "d.raw"' in outputs[1]
@@ -567,15 +575,7 @@ def test_blockstats_parent_is_the_data_file(tmp_path: Path) -> None:
               "-blockdev", "driver=qcow2,file=xf,data-file=df,node-name=q", "-qmp", "stdio"]
     replies = []
     for command in ([qemu], [sys.executable, "-m", "blockgraph", "system"]):
-        proc = subprocess.Popen([*command, *common], cwd=tmp_path, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(requests)
-        proc.stdin.flush()
-        lines = [proc.stdout.readline() for _ in range(5)]
-        proc.stdin.close()
-        assert proc.wait(timeout=60) == 0
+        lines = _system_qmp(tmp_path, [*command, *common], requests, 5)
         replies.append(json.loads(lines[2]))
     assert replies[1] == replies[0]
     stats = {s["node-name"]: s for s in replies[1]["return"]}
