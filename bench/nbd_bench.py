@@ -3,7 +3,9 @@ same image, the same fio (nbd engine) and nbdcopy workloads run against each, an
 blockgraph/QEMU ratios are printed (above 1.0: blockgraph is faster), with each daemon's peak
 RSS.
 
-``python bench/nbd_bench.py --size 256M --runtime 5`` is a quick run.
+``python bench/nbd_bench.py --size 256M --runtime 5`` is a quick run. On a small machine one
+run moves by tens of per cent; ``--repeat 3`` runs every measurement three times, QEMU and
+blockgraph alternating, and prints medians.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,6 +108,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--size", default="1G", help="image size (default 1G)")
     parser.add_argument("--runtime", type=int, default=10, help="seconds per fio job at most")
     parser.add_argument("--workdir", help="where images go (default: a temp dir)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per measurement, daemons alternating; medians are printed")
     args, _unknown = parser.parse_known_args(argv)  # run.py passes one argv to all
     precompile()
     missing = [t for t in ("fio", "nbdcopy", "qemu-storage-daemon", "qemu-img") if not shutil.which(t)]
@@ -116,51 +121,58 @@ def main(argv: list[str]) -> int:
         "qemu": ["qemu-storage-daemon"],
         "blockgraph": [str(BLOCKGRAPH), "storage-daemon"],
     }
-    print(f"image {args.size}, fio runtime <= {args.runtime}s per job; ratio = blockgraph/QEMU")
+    repeat = max(1, args.repeat)
+    print(f"image {args.size}, fio runtime <= {args.runtime}s per job, median of {repeat}; "
+          "ratio = blockgraph/QEMU")
     print(f"{'workload':36} {'qemu MB/s':>10} {'blockgraph MB/s':>16} {'ratio':>6}")
     rss: dict[str, int] = {"qemu": 0, "blockgraph": 0}
     for fmt in ("raw", "qcow2"):
         for name, fio_args, writethrough in JOBS:
-            speed: dict[str, float] = {}
-            for who, program in daemons.items():
-                image = workdir / f"{who}.{fmt}"
-                make_image(image, fmt, args.size)
-                if "read" in name:  # reads need data: fill the image first
-                    subprocess.run(["qemu-io", "-f", fmt, "-c", f"write -P 0x5a 0 {args.size}",
-                                    str(image)], check=True, capture_output=True)
-                sock = workdir / f"{who}.sock"
-                with daemon(program, image, fmt, sock, writethrough) as proc:
-                    speed[who] = fio(f"nbd+unix:///disk?socket={sock}", fio_args, args.size,
-                                     args.runtime)
-                    rss[who] = max(rss[who], peak_rss_kib(proc.pid))
-                image.unlink()
+            runs: dict[str, list[float]] = {"qemu": [], "blockgraph": []}
+            for _ in range(repeat):
+                for who, program in daemons.items():
+                    image = workdir / f"{who}.{fmt}"
+                    make_image(image, fmt, args.size)
+                    if "read" in name:  # reads need data: fill the image first
+                        subprocess.run(["qemu-io", "-f", fmt, "-c",
+                                        f"write -P 0x5a 0 {args.size}", str(image)],
+                                       check=True, capture_output=True)
+                    sock = workdir / f"{who}.sock"
+                    with daemon(program, image, fmt, sock, writethrough) as proc:
+                        runs[who].append(fio(f"nbd+unix:///disk?socket={sock}", fio_args,
+                                             args.size, args.runtime))
+                        rss[who] = max(rss[who], peak_rss_kib(proc.pid))
+                    image.unlink()
+            speed = {who: statistics.median(values) for who, values in runs.items()}
             ratio = speed["blockgraph"] / speed["qemu"] if speed["qemu"] else 0.0
             print(f"{fmt + ' ' + name:36} {speed['qemu'] / 1e6:10.1f} "
                   f"{speed['blockgraph'] / 1e6:16.1f} {ratio:6.2f}", flush=True)
     # nbdcopy of a whole image out of and into each daemon's export.
     for direction in ("out", "in"):
-        seconds: dict[str, float] = {}
-        for who, program in daemons.items():
-            image = workdir / f"{who}.raw"
-            make_image(image, "raw", args.size)
-            local = workdir / f"{who}.local"
-            if direction == "out":
-                subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P 0x5a 0 {args.size}",
-                                str(image)], check=True, capture_output=True)
-            else:
-                make_image(local, "raw", args.size)
-                subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P 0xa5 0 {args.size}",
-                                str(local)], check=True, capture_output=True)
-            sock = workdir / f"{who}.sock"
-            uri = f"nbd+unix:///disk?socket={sock}"
-            with daemon(program, image, "raw", sock, False) as proc:
+        times: dict[str, list[float]] = {"qemu": [], "blockgraph": []}
+        for _ in range(repeat):
+            for who, program in daemons.items():
+                image = workdir / f"{who}.raw"
+                make_image(image, "raw", args.size)
+                local = workdir / f"{who}.local"
                 if direction == "out":
-                    seconds[who] = nbdcopy(uri, str(local) if local.exists() else "null:")
+                    subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P 0x5a 0 {args.size}",
+                                    str(image)], check=True, capture_output=True)
                 else:
-                    seconds[who] = nbdcopy(str(local), uri)
-                rss[who] = max(rss[who], peak_rss_kib(proc.pid))
-            image.unlink()
-            local.unlink(missing_ok=True)
+                    make_image(local, "raw", args.size)
+                    subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P 0xa5 0 {args.size}",
+                                    str(local)], check=True, capture_output=True)
+                sock = workdir / f"{who}.sock"
+                uri = f"nbd+unix:///disk?socket={sock}"
+                with daemon(program, image, "raw", sock, False) as proc:
+                    if direction == "out":
+                        times[who].append(nbdcopy(uri, "null:"))
+                    else:
+                        times[who].append(nbdcopy(str(local), uri))
+                    rss[who] = max(rss[who], peak_rss_kib(proc.pid))
+                image.unlink()
+                local.unlink(missing_ok=True)
+        seconds = {who: statistics.median(values) for who, values in times.items()}
         ratio = seconds["qemu"] / seconds["blockgraph"] if seconds["blockgraph"] else 0.0
         print(f"{'nbdcopy ' + direction:36} {seconds['qemu']:9.2f}s {seconds['blockgraph']:15.2f}s "
               f"{ratio:6.2f}", flush=True)
