@@ -396,6 +396,10 @@ _DAEMON_ERRORS = [
      "--monitor", "c0", "--monitor", "c0"],
     ["--chardev", "socket,id=c0,host=127.0.0.1,port=BUSY,server=on,wait=off"],
     ["--chardev", "socket,id=c0,host=127.0.0.1,port=BUSY,to=BUSY,server=on,wait=off"],
+    # QemuOpts' id: it must be an identifier, and the first one counts.
+    ["--chardev", "socket,id=1x,host=127.0.0.1,port=0,server=on,wait=off"],
+    ["--chardev", "socket,id=c0,id=c1,host=127.0.0.1,port=0,server=on,wait=off",
+     "--monitor", "c1"],
 ]
 
 _SYSTEM_ERRORS = [
@@ -423,6 +427,10 @@ _SYSTEM_ERRORS = [
      "-chardev", "socket,id=c0,host=127.0.0.1,port=0,server=on,wait=off"],
     ["-chardev", "socket,host=127.0.0.1,port=0,server=on,wait=off"],
     ["-chardev", "socket,id=c0,host=127.0.0.1,port=0,server,nowait", "-mon", "chardev=nope"],
+    ["-chardev", "socket,id=1x,host=127.0.0.1,port=0,server=on,wait=off"],
+    ["-chardev", "socket,id=c0,id=c1,host=127.0.0.1,port=0,server=on,wait=off",
+     "-mon", "chardev=c1"],
+    ["-mon", "chardev=nope,id=1y"],
 ]
 
 

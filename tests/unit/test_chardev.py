@@ -13,8 +13,9 @@ from blockgraph.monitor.qmp.protocol import Command, QMPConnection
 def test_short_form_booleans_warn() -> None:
     warnings: list[str] = []
     opts = qemu_opts("socket,id=c0,server,nowait,nodelay,delay,notelnet", "backend", warnings)
+    # QEMU strips "no" from every bare word: nodelay is delay=off, which the later delay undoes.
     assert opts == {"backend": "socket", "id": "c0", "server": "on", "wait": "off",
-                    "nodelay": "on", "delay": "on", "telnet": "off"}
+                    "delay": "on", "telnet": "off"}
     assert warnings == [
         "short-form boolean option 'server' deprecated\nPlease use server=on instead",
         "short-form boolean option 'nowait' deprecated\nPlease use wait=off instead",
@@ -22,6 +23,14 @@ def test_short_form_booleans_warn() -> None:
         "short-form boolean option 'delay' deprecated\nPlease use nodelay=off instead",
         "short-form boolean option 'notelnet' deprecated\nPlease use telnet=off instead",
     ]
+
+
+def test_id_must_be_an_identifier_and_the_first_counts() -> None:
+    assert qemu_opts("socket,id=a,id=b", "backend")["id"] == "a"
+    with pytest.raises(ChardevError) as info:
+        qemu_opts("socket,id=1x", "backend")
+    assert info.value.messages == ("Parameter 'id' expects an identifier\nIdentifiers consist of "
+                                   "letters, digits, '-', '.', '_', starting with a letter.",)
 
 
 def test_commas_escape_and_later_keys_win() -> None:

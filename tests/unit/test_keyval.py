@@ -22,6 +22,7 @@ from blockgraph.options.keyval import (
     parse_blockdev,
     parse_drive_opts,
     parse_keyval,
+    parse_qemu_opts,
 )
 
 ID_ERROR = ("Parameter 'id' expects an identifier\n"
@@ -68,6 +69,26 @@ def test_drive_empty_keys_are_accepted_at_parse_time() -> None:
     assert parse_drive_opts("file=x,no") == {"file": "x", "": "off"}
     assert parse_drive_opts("file=x,=on") == {"file": "x", "": "on"}
     assert parse_drive_opts("readonly,,file=x") == {"readonly": "on", "": "on", "file": "x"}
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("socket,id=c0", {"backend": "socket", "id": "c0"}),
+    ("so,,ck,id=c0", {"backend": "so,ck", "id": "c0"}),  # the implied value takes ',,'
+    ("id=c0,socket", {"id": "c0", "socket": "on"}),  # only a bare *first* word is implied
+    ("backend=a,b", {"backend": "a", "b": "on"}),
+    ("", {}),
+])
+def test_qemu_opts_implied_first_word(text: str, expected: dict[str, str]) -> None:
+    assert parse_qemu_opts(text, "backend") == expected
+
+
+def test_qemu_opts_nodelay_hint() -> None:
+    # QEMU's generic parser names "nodelay" in the hint for a bare delay or nodelay.
+    warnings: list[str] = []
+    assert parse_qemu_opts("nodelay", None, warnings) == {"delay": "off"}
+    parse_qemu_opts("delay", None, warnings)
+    assert [w.split("\n")[1] for w in warnings] == ["Please use nodelay=on instead",
+                                                    "Please use nodelay=off instead"]
 
 
 def test_drive_help_is_an_option_without_warning() -> None:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from blockgraph.errors import OptionError
+from blockgraph.options.keyval import parse_qemu_opts
 from blockgraph.options.schema import parse_bool
 
 __all__ = ["Chardev", "ChardevError", "ChardevRegistry", "parse_chardev", "parse_legacy",
@@ -60,45 +61,11 @@ class ChardevError(Exception):
 
 
 def qemu_opts(text: str, implied: str | None, warnings: list[str] | None = None) -> dict[str, str]:
-    """QemuOpts syntax: ``,,`` escapes a comma, a bare first word is ``implied``, a bare
-    ``key`` is ``key=on`` and ``nokey`` is ``key=off`` (each with QEMU's deprecation warning
-    appended to ``warnings``). Later keys win.
-    """
-    items: list[str] = []
-    current: list[str] = []
-    pos = 0
-    while pos < len(text):
-        if text[pos] == ",":
-            if text.startswith(",,", pos):
-                current.append(",")
-                pos += 2
-                continue
-            items.append("".join(current))
-            current = []
-        else:
-            current.append(text[pos])
-        pos += 1
-    items.append("".join(current))
-    out: dict[str, str] = {}
-    for index, item in enumerate(items):
-        key, eq, value = item.partition("=")
-        if eq:
-            out[key] = value
-            continue
-        if index == 0 and implied is not None:
-            out[implied] = key
-            continue
-        if key.startswith("no") and key not in _KNOWN_KEYS:
-            name, value = key[2:], "off"
-        else:
-            name, value = key, "on"
-        if warnings is not None:
-            # QEMU's hint for a bare "delay" names the option that replaced it.
-            hint = "nodelay=off" if name == "delay" else f"{name}={value}"
-            warnings.append(f"short-form boolean option '{key}' deprecated\n"
-                            f"Please use {hint} instead")
-        out[name] = value
-    return out
+    """:func:`~blockgraph.options.keyval.parse_qemu_opts`, its error as a :class:`ChardevError`."""
+    try:
+        return parse_qemu_opts(text, implied, warnings)
+    except OptionError as exc:
+        raise ChardevError(str(exc)) from None
 
 
 def _check_types(opts: dict[str, str]) -> None:

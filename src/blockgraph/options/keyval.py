@@ -3,7 +3,8 @@
 Three syntaxes meet here, each with its own rules and error texts (all checked against the
 QEMU 7.2 binaries):
 
-* **QemuOpts** (``-drive``, ``--image-opts``): :func:`parse_drive_opts`. Lenient: any key is
+* **QemuOpts** (``-drive``, ``--image-opts``, ``-chardev``, ``-mon``): :func:`parse_qemu_opts`
+  (:func:`parse_drive_opts` for ``-drive``). Lenient: any key is
   accepted at this stage, a bare ``key`` means ``key=on`` and ``nokey`` means ``key=off`` (both
   deprecated, with a warning), the last duplicate wins, and only ``id`` is checked.
 * **keyval** (``-blockdev``, qemu-storage-daemon): :func:`parse_keyval`. Strict key syntax,
@@ -32,13 +33,14 @@ __all__ = [
     "parse_blockdev",
     "parse_drive_opts",
     "parse_json_filename",
+    "parse_qemu_opts",
     "parse_keyval",
 ]
 
 JSON_PREFIX = "json:"
 
 # --------------------------------------------------------------------------------------------
-# QemuOpts (-drive)
+# QemuOpts (-drive, -chardev)
 # --------------------------------------------------------------------------------------------
 
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
@@ -64,23 +66,27 @@ def _opts_value(text: str, pos: int) -> tuple[str, int]:
         return "".join(parts), comma + 1
 
 
-def parse_drive_opts(text: str, warnings: list[str] | None = None) -> dict[str, str]:
-    """Parse a ``-drive`` argument with QemuOpts rules.
+def parse_qemu_opts(text: str, implied: str | None = None,
+                    warnings: list[str] | None = None) -> dict[str, str]:
+    """Parse a QemuOpts argument (``-drive``, ``--image-opts``, ``-chardev``, ``-mon``).
 
     Keys are not checked here (``-drive`` accepts everything, and the block layer later
-    rejects what nobody consumed, e.g. an empty key from ``-drive ,file=x``). A bare ``key``
-    means ``key=on``, a bare ``nokey`` means ``key=off``; ``help`` and ``?`` become ``on``
-    without a warning. The first ``id`` counts, and it must be an identifier; for every other
-    key the last occurrence wins.
+    rejects what nobody consumed, e.g. an empty key from ``-drive ,file=x``). ``,,`` in a value
+    is a literal comma. A bare first word is the value of ``implied`` when the option list
+    has one (``-chardev socket,...``). Any other bare ``key`` means ``key=on`` and a bare
+    ``nokey`` means ``key=off``, each with QEMU's deprecation warning; ``help`` and ``?``
+    become ``on`` without one. The first ``id`` counts, and it must be an identifier; for
+    every other key the last occurrence wins.
 
     :param text: the argument as typed, e.g. ``file=a,,b.img,if=none,cache=none``.
+    :param implied: the key a bare first word is the value of, if any.
     :param warnings: if given, QEMU's deprecation warnings are appended to it (the text after
-        ``warning: ``; one entry may span two lines).
+        ``warning: ``; one entry spans two lines).
     :return: the options in order of first appearance, dotted keys kept flat.
     :raise OptionError: ``Parameter 'id' expects an identifier`` (and QEMU's second line).
     """
     opts: dict[str, str] = {}
-    drive_id: str | None = None
+    ident: str | None = None
     pos = 0
     while pos < len(text):
         name_end = pos
@@ -90,27 +96,40 @@ def parse_drive_opts(text: str, warnings: list[str] | None = None) -> dict[str, 
         if name_end < len(text) and text[name_end] == "=":
             key = name
             value, pos = _opts_value(text, name_end + 1)
+        elif pos == 0 and implied is not None:
+            key = implied
+            value, pos = _opts_value(text, 0)
         else:
             pos = name_end + 1
             if name in _HELP_WORDS:
                 key, value = name, "on"
             else:
-                key, value = (name[2:], "off") if name.startswith("no") else (name, "on")
+                negated = name.startswith("no")
+                key, value = (name[2:], "off") if negated else (name, "on")
                 if warnings is not None:
+                    # QEMU's hint for the socket chardev's "delay" names the option that
+                    # replaced it, nodelay, with the opposite value.
+                    hint = (f"nodelay={'on' if negated else 'off'}" if key == "delay"
+                            else f"{key}={value}")
                     warnings.append(f"short-form boolean option '{name}' deprecated\n"
-                                    f"Please use {key}={value} instead")
+                                    f"Please use {hint} instead")
         if key == "id":
-            if drive_id is None:
-                drive_id = value
+            if ident is None:
+                ident = value
             continue
         opts[key] = value
-    if drive_id is not None:
-        if not _ID_RE.match(drive_id):
+    if ident is not None:
+        if not _ID_RE.match(ident):
             raise OptionError("Parameter 'id' expects an identifier\n"
                               "Identifiers consist of letters, digits, '-', '.', '_', "
                               "starting with a letter.")
-        opts["id"] = drive_id
+        opts["id"] = ident
     return opts
+
+
+def parse_drive_opts(text: str, warnings: list[str] | None = None) -> dict[str, str]:
+    """A ``-drive`` (or ``--image-opts``) argument: QemuOpts with no implied key."""
+    return parse_qemu_opts(text, None, warnings)
 
 
 # --------------------------------------------------------------------------------------------
