@@ -213,10 +213,6 @@ def _monitors(prog: str, monitor: QMPMonitor, chardevs: list[str],
         add(option, value, chardev)
         chardev.in_use = True
         wanted.append(_Monitor(chardev, control=option == "qmp"))
-    for entry in wanted:
-        if not entry.control and entry.chardev.backend != "stdio":
-            raise _Fail("monitor", entry.chardev.label,
-                        "blockgraph serves the human monitor on stdio only")
     return wanted
 
 
@@ -255,9 +251,12 @@ async def _serve(monitor: QMPMonitor, wanted: list[_Monitor]) -> None:
     for entry in wanted:
         if entry.control:
             server.serve_chardev(entry.chardev, pretty=entry.pretty)
-        else:
-            hmp = HMP(monitor.layer, lambda: request_quit(monitor), monitor.chardevs)
+            continue
+        hmp = HMP(monitor.layer, lambda: request_quit(monitor), monitor.chardevs)
+        if entry.chardev.backend == "stdio":
             hmp_task = asyncio.ensure_future(_hmp_stdio(hmp, server.quit))
+        else:
+            server.serve_chardev(entry.chardev, hmp=hmp.execute)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, server.quit.set)
     try:

@@ -21,6 +21,8 @@ from blockgraph.errors import BlockError
 from blockgraph.monitor.chardev import Chardev
 from blockgraph.monitor.qmp.commands import QMPMonitor
 from blockgraph.monitor.qmp.protocol import Command, QMPConnection
+from blockgraph.monitor.readline import Readline
+from blockgraph.version import QEMU_VERSION_STRING
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +100,10 @@ class QMPServer:
 
     # -- chardevs -----------------------------------------------------------------------------
 
-    def serve_chardev(self, chardev: Chardev, *, pretty: bool = False) -> None:
-        """Serve QMP on ``chardev`` (already open) from now on, in the background.
+    def serve_chardev(self, chardev: Chardev, *, pretty: bool = False,
+                      hmp: Callable[[str], Awaitable[str]] | None = None) -> None:
+        """Serve QMP on ``chardev`` (already open) from now on, in the background; with
+        ``hmp`` (a human monitor's ``execute``), serve that human monitor there instead.
 
         A stdio session that ends (end of input or ``quit``) ends the process, as it does in
         QEMU's ``-qmp stdio``.
@@ -107,13 +111,21 @@ class QMPServer:
         chardev.in_use = True
         self._chardevs.append(chardev)
         if chardev.backend == "stdio":
+            assert hmp is None, "the human monitor on stdio is the front end's"
             task = asyncio.ensure_future(self.serve_stdio(pretty=pretty))
+        elif hmp is None:
+            task = asyncio.ensure_future(
+                self._accept_loop(chardev, lambda r, w: self._client(r, w, pretty)))
         else:
-            task = asyncio.ensure_future(self._accept_loop(chardev, pretty))
+            task = asyncio.ensure_future(
+                self._accept_loop(chardev, lambda r, w: self._hmp_client(r, w, hmp)))
         self._loops.add(task)
         task.add_done_callback(self._loops.discard)
 
-    async def _accept_loop(self, chardev: Chardev, pretty: bool) -> None:
+    async def _accept_loop(
+        self, chardev: Chardev,
+        client: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    ) -> None:
         loop = asyncio.get_running_loop()
         while not self.quit.is_set():
             sock = chardev.first
@@ -129,9 +141,61 @@ class QMPServer:
             try:
                 sock.setblocking(False)
                 reader, writer = await asyncio.open_connection(sock=sock)
-                await self._client(reader, writer, pretty)
+                try:
+                    await client(reader, writer)
+                finally:
+                    await self._hang_up(writer)
             finally:
                 chardev.disconnected()
+
+    async def _hang_up(self, writer: asyncio.StreamWriter) -> None:
+        if self.monitor.quitting:
+            # As in QEMU, the client that sent quit sees the connection end only when the
+            # process exits (see close()), not right after the reply: clients such as
+            # qemu.qmp disconnect cleanly only if they get there first.
+            self._quitting_writers.append(writer)
+            return
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+
+    async def _hmp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          execute: Callable[[str], Awaitable[str]]) -> None:
+        """A human monitor session: QEMU's greeting, its line editor, its prompt."""
+        editor = Readline()
+
+        def send(data: bytes) -> None:
+            # QEMU's monitor sends every line end as CR LF.
+            if data and not writer.is_closing():
+                writer.write(data.replace(b"\n", b"\r\n"))
+
+        send(f"QEMU {QEMU_VERSION_STRING} monitor - type 'help' for more information\n".encode()
+             + editor.prompt())
+        while not self.quit.is_set():
+            try:
+                data = await reader.read(_READ_SIZE)
+            except ConnectionError:
+                data = b""
+            if not data:
+                return
+            for ch in data:
+                echo, line = editor.feed_byte(ch)
+                send(echo)
+                if line is None:
+                    continue
+                # Bytes that are not UTF-8 go through unchanged, as QEMU prints them back.
+                command = line.decode("utf-8", "surrogateescape")
+                if command.strip():
+                    send((await execute(command)).encode("utf-8", "surrogateescape"))
+                if self.monitor.quitting or self.quit.is_set():
+                    return
+                send(editor.prompt())
+            try:
+                await writer.drain()
+            except ConnectionError:
+                return
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       pretty: bool) -> None:
@@ -151,20 +215,7 @@ class QMPServer:
             except ConnectionError:
                 pass
 
-        try:
-            await self.session(read, write, drain, pretty=pretty)
-        finally:
-            if self.monitor.quitting:
-                # As in QEMU, the client that sent quit sees the connection end only when the
-                # process exits (see close()), not right after the reply: clients such as
-                # qemu.qmp disconnect cleanly only if they get there first.
-                self._quitting_writers.append(writer)
-            else:
-                writer.close()
-                try:
-                    await writer.wait_closed()
-                except (ConnectionError, asyncio.CancelledError):
-                    pass
+        await self.session(read, write, drain, pretty=pretty)
 
     # -- stdio ----------------------------------------------------------------------------------
 
