@@ -148,3 +148,24 @@ def test_authz_simple() -> None:
     # An authz type that is not evaluated refuses everyone.
     assert registry.authorize("l0", "C=GB,CN=client") is not None
     assert object_help("authz-simple,help") == ["authz-simple options:", "  identity=<string>"]
+
+
+def test_authz_list_first_matching_rule_decides() -> None:
+    registry = ObjectRegistry()
+    add_object(registry, "authz-list,id=a,policy=allow,"
+               "rules.0.match=CN=bad*,rules.0.format=glob,rules.0.policy=deny,"
+               "rules.1.match=CN=bad-but-listed,rules.1.policy=allow")
+    assert registry.authorize("a", "CN=good") is None
+    assert registry.authorize("a", "CN=bad-but-listed") is not None  # rule 0 came first
+    assert registry.authorize("a", None) is not None
+
+
+def test_authz_list_globs_are_glib_simple_patterns() -> None:
+    registry = ObjectRegistry()
+    add_object(registry, {"qom-type": "authz-list", "id": "a", "rules": [
+        {"match": "CN=[ab]?", "policy": "allow", "format": "glob"}]})
+    # '[' is literal, '?' is one character, and the whole name must match.
+    assert registry.authorize("a", "CN=[ab]x") is None
+    assert registry.authorize("a", "CN=ax") is not None
+    assert registry.authorize("a", "CN=[ab]xy") is not None
+    assert registry.authorize("a", "O=x,CN=[ab]x") is not None

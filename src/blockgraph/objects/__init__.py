@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from blockgraph.objects.tls import TlsCredsX509
 
 __all__ = [
-    "OBJECT_TYPES", "TOOL_OBJECT_TYPES", "AuthzSimple", "ObjectCreationError", "UserObject", "Secret", "ObjectRegistry", "add_object",
+    "OBJECT_TYPES", "TOOL_OBJECT_TYPES", "AuthzList", "AuthzRule", "AuthzSimple", "ObjectCreationError", "UserObject", "Secret", "ObjectRegistry", "add_object",
     "parse_object", "object_help",
 ]
 
@@ -71,6 +71,37 @@ class AuthzSimple(UserObject):
         return identity == self.identity
 
 
+@dataclass(frozen=True)
+class AuthzRule:
+    """One rule of an ``authz-list``: ``match`` is a name or, with ``glob``, a pattern."""
+
+    match: str
+    allow: bool
+    glob: bool = False
+
+    def matches(self, identity: str) -> bool:
+        if not self.glob:
+            return identity == self.match
+        # GLib's simple patterns: only '*' and '?' are special (no classes, no escapes).
+        pattern = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c)
+                          for c in self.match)
+        return re.fullmatch(pattern, identity, re.DOTALL) is not None
+
+
+@dataclass
+class AuthzList(UserObject):
+    """``authz-list``: the first rule matching an identity decides; ``policy`` otherwise."""
+
+    rules: tuple[AuthzRule, ...] = ()
+    allow: bool = False
+
+    def is_allowed(self, identity: str) -> bool:
+        for rule in self.rules:
+            if rule.matches(identity):
+                return rule.allow
+        return self.allow
+
+
 @dataclass
 class Secret(UserObject):
     """``secret``: bytes given inline (``data``) or read from ``file``."""
@@ -83,6 +114,8 @@ class Secret(UserObject):
 # (name, kind): kind is "str", "bool", or a tuple of enum values. Order is QEMU's schema order,
 # which decides which of several bad values is reported.
 Member = tuple[str, "str | tuple[str, ...]"]
+
+_POLICY = ("deny", "allow")
 
 _SECRET_MEMBERS: tuple[Member, ...] = (
     ("format", ("raw", "base64")), ("keyid", "str"), ("iv", "str"), ("data", "str"),
@@ -98,31 +131,68 @@ _MEMBERS: dict[str, tuple[Member, ...]] = {
     "tls-creds-psk": (*_TLS_MEMBERS, ("username", "str")),
     "tls-creds-anon": _TLS_MEMBERS,
     "authz-simple": (("identity", "str"),),
+    "authz-list": (("policy", _POLICY), ("rules", "rules")),
+    # QAPI knows this one by another name than QOM's authz-list-file, so QEMU 7.2 checks its
+    # options and then finds no such object type (see _QAPI_TYPES).
+    "authz-listfile": (("filename", "str"), ("refresh", "bool")),
+    "authz-list-file": (("filename", "str"), ("refresh", "bool")),
+    "authz-pam": (("service", "str"),),
 }
+# QAPI's names of object types: a type outside them is refused before its options are read;
+# one inside them that the program cannot make is refused after ("invalid object type").
+_QAPI_TYPES = frozenset(OBJECT_TYPES) - {"authz-list-file"} | {"authz-listfile", "authz-pam"}
+_RULE_MEMBERS: tuple[Member, ...] = (("match", "str"), ("policy", _POLICY),
+                                     ("format", ("exact", "glob")))
 # The QOM type names ``--object TYPE,help`` shows for members that are not plain.
-_HELP_TYPES = {"str": "string", "bool": "bool", "endpoint": "QCryptoTLSCredsEndpoint"}
+_HELP_TYPES = {"str": "string", "bool": "bool", "endpoint": "QCryptoTLSCredsEndpoint",
+               "policy": "QAuthZListPolicy", "rules": "QAuthZListRule"}
 # Members QEMU's schema makes mandatory, checked with the types.
-_REQUIRED: dict[str, tuple[str, ...]] = {"authz-simple": ("identity",)}
+_REQUIRED: dict[str, tuple[str, ...]] = {
+    "authz-simple": ("identity",), "authz-listfile": ("filename",),
+    "authz-list-file": ("filename",), "authz-pam": ("service",),
+}
 
 
-def _check_members(members: Sequence[Member], props: dict[str, Any], keyval: bool) -> None:
+def _check_members(members: Sequence[Member], props: dict[str, Any], keyval: bool,
+                   path: str = "") -> None:
+    """Check ``props`` as QEMU's visitors do; ``path`` prefixes the names of nested members
+    (``rules.0.`` from keyval, ``rules[0].`` from JSON), except in enum errors, which QEMU
+    reports with the bare member name."""
     for name, kind in members:
         if name not in props:
             continue
         value = props[name]
-        if kind == "bool":
+        if kind == "rules":
+            _check_rules(value, keyval, f"{path}{name}")
+        elif keyval and isinstance(value, dict | list):
+            # A scalar given sub-keys (file.x=1): the keyval visitor leaves them unvisited.
+            raise BlockError(f"Parameters '{path}{name}.*' are unexpected")
+        elif kind == "bool":
             if keyval and isinstance(value, str):
                 props[name] = parse_bool(name, value)
             elif not isinstance(value, bool):
-                raise BlockError(f"Invalid parameter type for '{name}', expected: boolean")
+                raise BlockError(f"Invalid parameter type for '{path}{name}', expected: boolean")
         elif not isinstance(value, str):
-            raise BlockError(f"Invalid parameter type for '{name}', expected: string")
+            raise BlockError(f"Invalid parameter type for '{path}{name}', expected: string")
         elif isinstance(kind, tuple) and value not in kind:
             raise BlockError(f"Parameter '{name}' does not accept value '{value}'")
     known = {name for name, _ in members}
     for name in props:
         if name not in known:
-            raise BlockError(f"Parameter '{name}' is unexpected")
+            raise BlockError(f"Parameter '{path}{name}' is unexpected")
+
+
+def _check_rules(value: object, keyval: bool, path: str) -> None:
+    if not isinstance(value, list):
+        raise BlockError(f"Invalid parameter type for '{path}', expected: array")
+    for index, rule in enumerate(value):
+        where = f"{path}.{index}" if keyval else f"{path}[{index}]"
+        if not isinstance(rule, dict):
+            raise BlockError(f"Invalid parameter type for '{where}', expected: object")
+        for name in ("match", "policy"):
+            if name not in rule:
+                raise BlockError(f"Parameter '{where}.{name}' is missing")
+        _check_members(_RULE_MEMBERS, rule, keyval, f"{where}.")
 
 
 # -- the registry ---------------------------------------------------------------------------------
@@ -176,10 +246,8 @@ class ObjectRegistry:
         found = self.objects.get(authz_id)
         if found is None:
             return f"Cannot find QAuthZ object ID {authz_id}"
-        if not isinstance(found, AuthzSimple):
-            # authz-list, authz-list-file and authz-pam are not evaluated: refuse rather than
-            # let everyone in.
-            return f"QAuthZ object '{authz_id}' of type '{found.qom_type}' is not supported by blockgraph"
+        if not isinstance(found, AuthzSimple | AuthzList):
+            return f"Object '{authz_id}' is not a QAuthZ subclass"
         if identity is None or not found.is_allowed(identity):
             return f"TLS x509 authz check for {identity} is denied"
         return None
@@ -190,7 +258,7 @@ class ObjectRegistry:
 
 def parse_object(text: str) -> tuple[dict[str, Any], bool]:
     """An ``--object`` argument as a dict, and whether it was keyval (strings) or JSON."""
-    from blockgraph.options.keyval import parse_keyval
+    from blockgraph.options.keyval import crumple, parse_keyval
     from blockgraph.options.qjson import parse_json
 
     if text.startswith("{"):
@@ -198,7 +266,8 @@ def parse_object(text: str) -> tuple[dict[str, Any], bool]:
         if not isinstance(parsed, dict):
             raise BlockError("JSON argument must be an object")
         return dict(parsed), False
-    return dict(parse_keyval(text, implied_key="qom-type")), True
+    # Nested members (authz-list's rules.0.match) as the keyval visitor sees them.
+    return crumple(parse_keyval(text, implied_key="qom-type")), True
 
 
 def object_help(text: str, types: Sequence[str] = OBJECT_TYPES) -> list[str] | None:
@@ -206,10 +275,16 @@ def object_help(text: str, types: Sequence[str] = OBJECT_TYPES) -> list[str] | N
     if text in ("help", "?"):
         return ["List of user creatable objects:", *(f"  {t}" for t in types)]
     kind, _, rest = text.partition(",")
-    if rest in ("help", "?") and kind in _MEMBERS and kind != "secret":
+    if rest not in ("help", "?"):
+        return None
+    if kind not in types:
+        # No such object class in this program: QEMU lists the ones it has.
+        return object_help("help", types)
+    if kind in _MEMBERS and kind != "secret":
         members = sorted(_MEMBERS[kind])
-        return [f"{kind} options:", *(f"  {name}=<{_HELP_TYPES[name if name == 'endpoint' else str(t)]}>"
-                                      for name, t in members)]
+        return [f"{kind} options:",
+                *(f"  {name}=<{_HELP_TYPES.get(name) or _HELP_TYPES[str(t)]}>"
+                  for name, t in members)]
     return None
 
 
@@ -230,7 +305,7 @@ def add_object(registry: ObjectRegistry, spec: str | Mapping[str, Any],
         raise BlockError("Parameter 'qom-type' is missing")
     if not isinstance(qom_type, str):
         raise BlockError("Invalid parameter type for 'qom-type', expected: string")
-    if qom_type not in OBJECT_TYPES:
+    if qom_type not in _QAPI_TYPES:
         raise BlockError(f"Parameter 'qom-type' does not accept value '{qom_type}'")
     ident = props.pop("id", None)
     if ident is None:
@@ -266,6 +341,10 @@ def add_object(registry: ObjectRegistry, spec: str | Mapping[str, Any],
             obj = UserObject(qom_type, ident)
         elif qom_type == "authz-simple":
             obj = AuthzSimple(qom_type, ident, str(props["identity"]))
+        elif qom_type == "authz-list":
+            rules = tuple(AuthzRule(str(r["match"]), r["policy"] == "allow",
+                                    r.get("format") == "glob") for r in props.get("rules", ()))
+            obj = AuthzList(qom_type, ident, rules, props.get("policy") == "allow")
         else:
             obj = UserObject(qom_type, ident)
     except ObjectCreationError:
