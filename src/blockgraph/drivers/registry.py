@@ -17,6 +17,7 @@ _DRIVER_TABLE: dict[str, str] = {
     "null-co": "blockgraph.drivers.null:NullCoDriver",
     "null-aio": "blockgraph.drivers.null:NullAioDriver",
     "nbd": "blockgraph.drivers.nbd.driver:NbdDriver",
+    "throttle": "blockgraph.drivers.throttle:ThrottleDriver",
 }
 
 

@@ -11,6 +11,7 @@ from blockgraph.errors import BlockError
 from blockgraph.graph.inherit import AIO_FLAG
 from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.node import BlockBackend
+from blockgraph.objects.throttle import LIMIT_KEYS, ThrottleLimits
 from blockgraph.options.cache import apply_legacy_cache
 from blockgraph.options.schema import parse_bool, parse_number
 
@@ -23,34 +24,23 @@ _DRIVE_ONLY = ("if", "index", "bus", "unit", "media", "serial", "addr", "boot", 
                "readonly")
 
 
-# -drive's throttling.* keys and the names query-block reports them under.
-THROTTLE_KEYS = {
-    "bps-total": "bps", "bps-read": "bps_rd", "bps-write": "bps_wr",
-    "bps-total-max": "bps_max", "bps-read-max": "bps_rd_max", "bps-write-max": "bps_wr_max",
-    "iops-total": "iops", "iops-read": "iops_rd", "iops-write": "iops_wr",
-    "iops-total-max": "iops_max", "iops-read-max": "iops_rd_max", "iops-write-max": "iops_wr_max",
-    "iops-size": "iops_size",
-}
+def _parse_throttling(opts: dict[str, str]) -> tuple[ThrottleLimits, str | None]:
+    """Pop the ``throttling.*`` keys: the limits (checked) and the group, if named.
 
-
-def _parse_throttling(opts: dict[str, str]) -> dict[str, object]:
-    """Pop the ``throttling.*`` keys; the limits are recorded (reported by ``info block``).
-
-    :raise OptionError: QEMU's text for a limit that is not a number.
+    :raise BlockError: QEMU's texts, a limit that is not a number first.
     """
-    out: dict[str, object] = {}
+    values: dict[str, int] = {}
+    group: str | None = None
     for key in [k for k in opts if k.startswith("throttling.")]:
         name = key[len("throttling."):]
-        value = opts.pop(key)
         if name == "group":
-            out["group"] = value
-        elif name in THROTTLE_KEYS or name.endswith("-max-length"):
-            number = parse_number(key, value)
-            if name in THROTTLE_KEYS:
-                out[THROTTLE_KEYS[name]] = number
-        else:
-            opts[key] = value  # left for the root node, which reports it as unsupported
-    return out
+            group = opts.pop(key)
+        elif name in LIMIT_KEYS:
+            values[name] = parse_number(key, opts.pop(key))
+        # Anything else is left for the root node, which reports it as unsupported.
+    limits = ThrottleLimits(values)
+    limits.check()
+    return limits, group
 
 
 async def drive_new(layer: BlockLayer, opts: dict[str, str]) -> BlockBackend:
@@ -104,10 +94,8 @@ async def drive_new(layer: BlockLayer, opts: dict[str, str]) -> BlockBackend:
         options["read-only"] = "on"
     bb = layer.new_backend(name)
     bb.werror, bb.rerror, bb.read_only = werror, rerror, read_only
-    if throttle:
-        group = str(throttle.pop("group", "") or name)
-        bb.throttle = {k: int(str(v)) for k, v in throttle.items()}
-        bb.throttle_group = group
+    limits, group = throttle
+    bb.set_io_limits(limits, group)
     if filename is None and not any(k == "driver" or k.startswith("file.") for k in options):
         # An empty drive: a BlockBackend with no medium (removable media insert one later).
         return bb

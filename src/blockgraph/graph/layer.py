@@ -292,6 +292,7 @@ class BlockLayer:
 
     async def remove_backend(self, bb: BlockBackend) -> None:
         root = bb.root
+        bb.set_io_limits(None)
         bb.attach(None)
         self.backends.remove(bb)
         if root is not None and not root.parents and not root.backends:

@@ -27,6 +27,7 @@ from blockgraph.drivers.base import (
 )
 from blockgraph.errors import IOFailure
 from blockgraph.io.request import IONode
+from blockgraph.objects.throttle import ThrottleGroup, ThrottleLimits
 
 if TYPE_CHECKING:
     from blockgraph.graph.layer import BlockLayer
@@ -262,10 +263,9 @@ class BlockBackend:
     werror: str = "enospc"
     detect_zeroes: str = "off"
     stats: BlockBackendStats = field(default_factory=BlockBackendStats)
-    # I/O limits from -drive throttling.* (query-block names); recorded and reported, not yet
-    # enforced.
-    throttle: dict[str, int] = field(default_factory=dict)
-    throttle_group: str = ""
+    # The throttle group whose limits this BlockBackend's reads and writes wait for
+    # (-drive throttling.*, qemu-img convert -r); None: not throttled.
+    io_limits: ThrottleGroup | None = None
     # The open flags a new medium gets (``change``), remembered from the drive's options.
     root_flags: NodeFlags = field(default_factory=NodeFlags)
     # I/O status: only a guest device enables it (QEMU's blk_iostatus_enable); without one,
@@ -318,6 +318,22 @@ class BlockBackend:
         """``cont`` / ``block_job_resume``: the error is forgotten."""
         self.iostatus = "ok"
 
+    def set_io_limits(self, limits: ThrottleLimits | None, group: str | None = None) -> None:
+        """Throttle reads and writes by ``limits`` in the throttle group ``group`` (default:
+        this BlockBackend's name), which other members share; no limits, or limits that
+        limit nothing, end the throttling (QEMU's ``blk_io_limits_enable/disable``)."""
+        registry = self.layer.objects
+        if self.io_limits is not None and (limits is None or not limits.enabled
+                                           or (group or self.name) != self.io_limits.name):
+            registry.leave_throttle_group(self.io_limits)
+            self.io_limits = None
+        if limits is None or not limits.enabled:
+            return
+        if self.io_limits is None:
+            self.io_limits = registry.join_throttle_group(group or self.name, limits)
+        else:
+            self.io_limits.configure(limits)
+
     def attach(self, node: Node | None) -> None:
         """Make ``node`` the root (or eject with None). The write cache mode stays with us."""
         if self.root is not None:
@@ -340,6 +356,8 @@ class BlockBackend:
 
     async def preadv(self, offset: int, buf: memoryview) -> None:
         root = self._check(offset, len(buf))
+        if self.io_limits is not None:
+            await self.io_limits.intercept(False, len(buf))
         try:
             await root.preadv(offset, buf)
         except Exception:
@@ -353,6 +371,8 @@ class BlockBackend:
         root = self._check(offset, len(buf))
         if not self.write_cache:
             flags |= RequestFlags.FUA
+        if self.io_limits is not None:
+            await self.io_limits.intercept(True, len(buf))
         try:
             await root.pwritev(offset, buf, flags)
         except Exception:
@@ -364,7 +384,10 @@ class BlockBackend:
     async def pwrite_zeroes(self, offset: int, length: int, flags: RequestFlags = RequestFlags.NONE) -> None:
         if not self.write_cache:
             flags |= RequestFlags.FUA
-        await self._check(offset, length).pwrite_zeroes(offset, length, flags)
+        root = self._check(offset, length)
+        if self.io_limits is not None:
+            await self.io_limits.intercept(True, length)
+        await root.pwrite_zeroes(offset, length, flags)
         self.stats.wr_operations += 1
         self.stats.wr_bytes += length
 

@@ -80,10 +80,11 @@ def format_block_info(bb: BlockBackend | None, node: Node | None, verbose: bool 
         detect = str(node.options.get("detect-zeroes", "off"))
         if detect != "off":
             lines.append(f"    Detect zeroes:    {detect}")
-        limits = bb.throttle if bb is not None else {}
-        if any(limits.get(k) for k in ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")):
+        throttled = bb.io_limits if bb is not None else None
+        if throttled is not None:
+            limits = throttled.limits.query()
             values = " ".join(f"{k}={limits.get(k, 0)}" for k in _THROTTLE_ORDER)
-            lines.append(f"    I/O throttling:   {values} group={bb.throttle_group if bb else ''}")
+            lines.append(f"    I/O throttling:   {values} group={throttled.name}")
     text = "".join(line + "\n" for line in lines)
     if verbose and node is not None:
         text += "\nImages:\n" + format_image_chain(image_info(node, chain=True))

@@ -9,7 +9,7 @@ Rules of this package:
   QEMU 7.2's ``user_creatable_add_qapi`` does, in QEMU's order and with QEMU's texts — first the
   QAPI members in schema order (types, enums), then unknown members, then the id, then duplicate
   ids, and only then the object's own completion (reading files). A failure adds nothing.
-* Object types blockgraph has no use for (``iothread``, ``authz-simple``, ...) are accepted and
+* Object types blockgraph has no use for (``iothread``, ``main-loop``, ...) are accepted and
   only take their id, so a command line written for QEMU still runs.
 """
 
@@ -18,17 +18,24 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from blockgraph.errors import BlockError
+from blockgraph.objects.throttle import (
+    LIMIT_KEYS,
+    ThrottleGroup,
+    ThrottleLimits,
+    parse_limit,
+)
 from blockgraph.options.schema import parse_bool
 
 if TYPE_CHECKING:
     from blockgraph.objects.tls import TlsCredsX509
 
 __all__ = [
-    "OBJECT_TYPES", "TOOL_OBJECT_TYPES", "AuthzList", "AuthzRule", "AuthzSimple", "ObjectCreationError", "UserObject", "Secret", "ObjectRegistry", "add_object",
+    "OBJECT_TYPES", "TOOL_OBJECT_TYPES", "AuthzList", "AuthzRule", "AuthzSimple",
+    "ThrottleGroupObject", "ObjectCreationError", "UserObject", "Secret", "ObjectRegistry", "add_object",
     "parse_object", "object_help",
 ]
 
@@ -103,6 +110,13 @@ class AuthzList(UserObject):
 
 
 @dataclass
+class ThrottleGroupObject(UserObject):
+    """``throttle-group``: limits that throttle nodes naming this id share."""
+
+    group: ThrottleGroup = field(default_factory=lambda: ThrottleGroup(""))
+
+
+@dataclass
 class Secret(UserObject):
     """``secret``: bytes given inline (``data``) or read from ``file``."""
 
@@ -137,6 +151,8 @@ _MEMBERS: dict[str, tuple[Member, ...]] = {
     "authz-listfile": (("filename", "str"), ("refresh", "bool")),
     "authz-list-file": (("filename", "str"), ("refresh", "bool")),
     "authz-pam": (("service", "str"),),
+    "throttle-group": (("limits", "limits"),
+                       *((f"x-{key}", "int") for key in LIMIT_KEYS)),
 }
 # QAPI's names of object types: a type outside them is refused before its options are read;
 # one inside them that the program cannot make is refused after ("invalid object type").
@@ -145,7 +161,8 @@ _RULE_MEMBERS: tuple[Member, ...] = (("match", "str"), ("policy", _POLICY),
                                      ("format", ("exact", "glob")))
 # The QOM type names ``--object TYPE,help`` shows for members that are not plain.
 _HELP_TYPES = {"str": "string", "bool": "bool", "endpoint": "QCryptoTLSCredsEndpoint",
-               "policy": "QAuthZListPolicy", "rules": "QAuthZListRule"}
+               "policy": "QAuthZListPolicy", "rules": "QAuthZListRule", "int": "int",
+               "limits": "ThrottleLimits"}
 # Members QEMU's schema makes mandatory, checked with the types.
 _REQUIRED: dict[str, tuple[str, ...]] = {
     "authz-simple": ("identity",), "authz-listfile": ("filename",),
@@ -164,9 +181,17 @@ def _check_members(members: Sequence[Member], props: dict[str, Any], keyval: boo
         value = props[name]
         if kind == "rules":
             _check_rules(value, keyval, f"{path}{name}")
+        elif kind == "limits":
+            if not isinstance(value, dict):
+                raise BlockError(f"Invalid parameter type for '{path}{name}', expected: object")
+            _check_members([(key, "int") for key in LIMIT_KEYS], value, keyval, f"{name}.")
         elif keyval and isinstance(value, dict | list):
             # A scalar given sub-keys (file.x=1): the keyval visitor leaves them unvisited.
             raise BlockError(f"Parameters '{path}{name}.*' are unexpected")
+        elif kind == "int":
+            if not keyval and (isinstance(value, bool) or not isinstance(value, int)):
+                raise BlockError(f"Invalid parameter type for '{path}{name}', expected: integer")
+            props[name] = parse_limit(f"{path}{name}", value)
         elif kind == "bool":
             if keyval and isinstance(value, str):
                 props[name] = parse_bool(name, value)
@@ -203,6 +228,26 @@ class ObjectRegistry:
 
     def __init__(self) -> None:
         self.objects: dict[str, UserObject] = {}
+        # Throttle groups by name: those of throttle-group objects and the anonymous ones of
+        # -drive throttling.group (one namespace, as in QEMU).
+        self.throttle_groups: dict[str, ThrottleGroup] = {}
+
+    def join_throttle_group(self, name: str, limits: ThrottleLimits | None) -> ThrottleGroup:
+        """The group ``name`` (made if there is none) with one member more; ``limits``, if
+        given, become the group's (the last member configured wins, as in QEMU)."""
+        group = self.throttle_groups.get(name)
+        if group is None:
+            group = self.throttle_groups[name] = ThrottleGroup(name)
+        if limits is not None:
+            group.configure(limits)
+        group.members += 1
+        return group
+
+    def leave_throttle_group(self, group: ThrottleGroup) -> None:
+        group.members -= 1
+        owned = isinstance(self.objects.get(group.name), ThrottleGroupObject)
+        if group.members <= 0 and not owned:
+            self.throttle_groups.pop(group.name, None)
 
     def get(self, ident: str) -> UserObject | None:
         return self.objects.get(ident)
@@ -253,6 +298,15 @@ class ObjectRegistry:
         return None
 
     def remove(self, ident: str) -> None:
+        """Delete the object ``ident``.
+
+        :raise BlockError: QEMU's text for a throttle group that nodes still use.
+        """
+        found = self.objects.get(ident)
+        if isinstance(found, ThrottleGroupObject):
+            if found.group.members > 0:
+                raise BlockError(f"object '{ident}' is in use, can not be deleted")
+            self.throttle_groups.pop(ident, None)
         self.objects.pop(ident, None)
 
 
@@ -281,10 +335,11 @@ def object_help(text: str, types: Sequence[str] = OBJECT_TYPES) -> list[str] | N
         # No such object class in this program: QEMU lists the ones it has.
         return object_help("help", types)
     if kind in _MEMBERS and kind != "secret":
-        members = sorted(_MEMBERS[kind])
+        # QEMU sorts the printed "name=<type>" strings: x-bps-read-max=<int> comes before
+        # x-bps-read=<int>.
         return [f"{kind} options:",
-                *(f"  {name}=<{_HELP_TYPES.get(name) or _HELP_TYPES[str(t)]}>"
-                  for name, t in members)]
+                *sorted(f"  {name}=<{_HELP_TYPES.get(name) or _HELP_TYPES[str(t)]}>"
+                        for name, t in _MEMBERS[kind])]
     return None
 
 
@@ -341,6 +396,8 @@ def add_object(registry: ObjectRegistry, spec: str | Mapping[str, Any],
             obj = UserObject(qom_type, ident)
         elif qom_type == "authz-simple":
             obj = AuthzSimple(qom_type, ident, str(props["identity"]))
+        elif qom_type == "throttle-group":
+            obj = ThrottleGroupObject(qom_type, ident, _throttle_group(ident, props, registry))
         elif qom_type == "authz-list":
             rules = tuple(AuthzRule(str(r["match"]), r["policy"] == "allow",
                                     r.get("format") == "glob") for r in props.get("rules", ()))
@@ -353,6 +410,30 @@ def add_object(registry: ObjectRegistry, spec: str | Mapping[str, Any],
         raise ObjectCreationError(str(exc)) from None
     registry.objects[ident] = obj
     return obj
+
+
+def _throttle_group(ident: str, props: Mapping[str, Any],
+                    registry: ObjectRegistry) -> ThrottleGroup:
+    """The group of a ``throttle-group`` object: its ``x-*`` properties and ``limits`` members
+    apply in the order given (each sets only what it names), then the whole is checked."""
+    values: dict[str, int] = {}
+    for name, value in props.items():
+        if name == "limits":
+            values.update(value)
+            continue
+        key = name[2:]
+        if value < 0:
+            raise BlockError("Property values cannot be negative")
+        if key.endswith("-max-length") and value > 4294967295:
+            # QEMU's text, missing space included.
+            raise BlockError(f"{name} value must be in therange [0, 4294967295]")
+        values[key] = value
+    limits = ThrottleLimits(values)
+    limits.check()
+    if ident in registry.throttle_groups:
+        raise BlockError(f"Throttle group '{ident}' already exists")
+    group = registry.throttle_groups[ident] = ThrottleGroup(ident, limits)
+    return group
 
 
 def _secret_data(props: Mapping[str, Any]) -> bytes:

@@ -127,6 +127,7 @@ _DRIVER_MEMBERS: dict[str, tuple[Member, ...]] = {
                  opt("opt-discard", INT), opt("max-discard", INT),
                  opt("inject-error", array(OBJECT)), opt("set-state", array(OBJECT)),
                  opt("take-child-perms", array(STR)), opt("unshare-child-perms", array(STR))),
+    "throttle": (req("throttle-group", STR), req("file", BLOCKDEV_REF)),
 }
 
 _EXPECTED = {"str": "string", "bool": "boolean", "int": "integer", "number": "number",

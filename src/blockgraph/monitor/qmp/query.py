@@ -74,7 +74,8 @@ def block_device_info(node: Node, backend: BlockBackend | None = None, *,
     Without ``flat`` the image info nests the backing chain (``backing-image``) and
     ``backing_file_depth`` counts it; with ``flat`` both stop at the node itself.
     """
-    limits = backend.throttle if backend is not None else {}
+    throttled = backend.io_limits if backend is not None else None
+    limits = throttled.limits.query() if throttled is not None else {}
     out: dict[str, object] = {
         "file": node.filename,
         "node-name": node.node_name,
@@ -90,10 +91,12 @@ def block_device_info(node: Node, backend: BlockBackend | None = None, *,
     for key in _THROTTLE_BASE:
         out[key] = int(limits.get(key, 0))
     out["image"] = _image(image_info(node, chain=not flat))
-    if limits:
+    if throttled is not None:
+        # Bursts, their lengths and the iops size appear only when set, as in QEMU.
         for key in _THROTTLE_EXTRA:
-            out[key] = int(limits.get(key, 0))
-        out["group"] = backend.throttle_group if backend is not None else ""
+            if key in limits:
+                out[key] = limits[key]
+        out["group"] = throttled.name
     out["cache"] = {
         "writeback": backend.write_cache if backend is not None else True,
         "direct": node.flags.direct,

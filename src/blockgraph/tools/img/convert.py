@@ -15,11 +15,9 @@ checked without the images is checked before a source is opened.
 
 from __future__ import annotations
 
-import asyncio
 import getopt
 import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +29,7 @@ from blockgraph.errors import BlockError, IOFailure, OptionError
 from blockgraph.graph.create import create_image
 from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.node import BlockBackend, Node
+from blockgraph.objects.throttle import ThrottleLimits
 from blockgraph.options.keyval import parse_drive_opts
 from blockgraph.options.schema import parse_size
 from blockgraph.tools.img.common import (
@@ -69,32 +68,6 @@ _CREATE_OPTIONS = {
 }
 
 
-class _RateLimit:
-    """``-r``: the target's writes limited to ``rate`` bytes per second.
-
-    qemu-img sets a throttle on the target's BlockBackend (bps-write, QEMU's default burst of
-    a tenth of a second's worth). A write waits until the bytes written before it would have
-    drained at ``rate``; a single write is never held back, as with QEMU's leaky bucket.
-    """
-
-    def __init__(self, rate: int) -> None:
-        self.rate = rate
-        self.burst = rate / 10
-        self.level = 0.0  # bytes not yet drained
-        self.stamp = time.monotonic()
-
-    async def account(self, nbytes: int) -> None:
-        now = time.monotonic()
-        self.level = max(0.0, self.level - (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.level > self.burst:
-            delay = (self.level - self.burst) / self.rate
-            await asyncio.sleep(delay)
-            self.level -= delay * self.rate
-            self.stamp = time.monotonic()
-        self.level += nbytes
-
-
 @dataclass
 class _Source:
     bb: BlockBackend
@@ -108,13 +81,11 @@ class _Converter:
     def __init__(self, layer: BlockLayer, sources: list[_Source], target: BlockBackend,
                  *, min_sparse: int, compress: bool, zero_init: bool, target_has_backing: bool,
                  progress: Progress, salvage: bool = False,
-                 warn: Callable[[str], None] | None = None,
-                 rate_limit: _RateLimit | None = None) -> None:
+                 warn: Callable[[str], None] | None = None) -> None:
         self.layer = layer
         # --salvage: read errors become zeroes (and block status errors data) with a warning.
         self.salvage = salvage
         self.warn = warn or (lambda text: None)
-        self.rate_limit = rate_limit
         self.sources = sources
         self.target = target
         self.min_sparse = min_sparse
@@ -252,8 +223,6 @@ class _Converter:
                 piece[:] = bytes(len(piece))
 
     async def _write(self, offset: int, view: memoryview, flags: RequestFlags = RequestFlags.NONE) -> None:
-        if self.rate_limit is not None:
-            await self.rate_limit.account(len(view))
         try:
             await self.target.pwritev(offset, view, flags)
         except IOFailure as exc:
@@ -596,8 +565,11 @@ def cmd_convert(prog: str, args: list[str]) -> int:
         conv = _Converter(layer, sources, target, min_sparse=min_sparse, compress=compress,
                           zero_init=zero_init, target_has_backing=has_backing,
                           progress=prog_state, salvage=salvage,
-                          warn=lambda text: warn(prog, text),
-                          rate_limit=_RateLimit(rate_limit) if rate_limit else None)
+                          warn=lambda text: warn(prog, text))
+        if rate_limit:
+            # As qemu-img: the target's BlockBackend gets a bps-write limit (QEMU's leaky
+            # bucket; a single write is never held back).
+            target.set_io_limits(ThrottleLimits({"bps-write": rate_limit}), "convert")
         with prog_state.running():
             layer.run(conv.run())
             try:
