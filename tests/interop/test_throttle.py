@@ -236,3 +236,90 @@ def test_drive_throttling_holds_the_drive_to_its_limit(image: Path) -> None:
     assert qemu is not None
     for command in ([qemu], [*OURS, "system"]):
         assert _timed_hmp_reads(command, image) >= MIN_SECONDS, command
+
+
+# -- block_set_io_throttle ------------------------------------------------------------------------
+
+def _limits(**values: int) -> dict[str, int]:
+    base = {"bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0}
+    return {**base, **values}
+
+
+def _system(command: list[str], image: Path, monitor: str, script: str) -> list[str]:
+    proc = subprocess.run(
+        [*command, "-machine", "none", "-nodefaults", "-display", "none", "-S",
+         "-drive", f"if=none,id=d0,file={image},format=raw", "-drive", "if=none,id=d1",
+         monitor, "stdio"],
+        input=script, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    lines = []
+    for line in proc.stdout.splitlines():
+        line = re.sub(r"#block\d+", "#block", line)
+        if monitor == "-qmp":
+            message = json.loads(line)
+            message.pop("timestamp", None)
+            if "QMP" not in message:
+                lines.append(json.dumps(message, sort_keys=True))
+        else:
+            # HMP echoes each command with cursor escapes; the prompts and echoes are dropped.
+            line = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line).replace("\r", "")
+            if not line.startswith(("(qemu)", "QEMU ")):
+                lines.append(line)
+    return lines
+
+
+def test_block_set_io_throttle_qmp_matches_qemu(image: Path) -> None:
+    _require("qemu-system-x86_64")
+    requests: list[dict[str, Any]] = [
+        {"execute": "qmp_capabilities"},
+        {"execute": "block_set_io_throttle", "arguments": {"device": "d0", **_limits(iops=10)}},
+        {"execute": "query-block"},
+        {"execute": "block_set_io_throttle",
+         "arguments": {"device": "d0", **_limits(iops=10, iops_rd=5)}},
+        {"execute": "block_set_io_throttle", "arguments": {"device": "d0", "bps": 0}},
+        {"execute": "block_set_io_throttle", "arguments": {"device": "nope", **_limits()}},
+        {"execute": "block_set_io_throttle", "arguments": {"device": "d1", **_limits(iops=1)}},
+        {"execute": "block_set_io_throttle", "arguments": {"id": "d0", **_limits(iops=1)}},
+        {"execute": "block_set_io_throttle", "arguments": _limits()},
+        {"execute": "block_set_io_throttle", "arguments": {"device": "d0", **_limits(bps=-1)}},
+        {"execute": "block_set_io_throttle",
+         "arguments": {"device": "d0", **_limits(iops=10, iops_max=20), "iops_max_length": 3,
+                       "group": "g", "iops_size": 512}},
+        {"execute": "query-block"},
+        # Without a group the drive stays in the one it is in.
+        {"execute": "block_set_io_throttle", "arguments": {"device": "d0", **_limits(bps=99)}},
+        {"execute": "query-block"},
+        {"execute": "block_set_io_throttle", "arguments": {"device": "d0", **_limits()}},
+        {"execute": "query-block"},
+        {"execute": "quit"},
+    ]
+    script = "".join(json.dumps(r) + "\n" for r in requests)
+    theirs = _system(["qemu-system-x86_64"], image, "-qmp", script)
+    ours = _system([*OURS, "system"], image, "-qmp", script)
+    assert ours == theirs
+    assert '"group": "g"' in theirs[11] and '"bps": 99' in theirs[13]
+
+
+def test_block_set_io_throttle_hmp_matches_qemu(image: Path) -> None:
+    _require("qemu-system-x86_64")
+    script = "\n".join([
+        "block_set_io_throttle d0 x 0 0 0 0 0",
+        "block_set_io_throttle nope 0 0 0 0 0 0",
+        "block_set_io_throttle d1 0 0 0 1 0 0",
+        "block_set_io_throttle d0 0 0 0 1 0 0 7",
+        "block_set_io_throttle d0 1k 0 0 1 0 0",
+        "block_set_io_throttle d0 -5 0 0 1 0 0",
+        "block_set_io_throttle d0 1 2 3 4 5 6",
+        "block_set_io_throttle d0 1",
+        "block_set_io_throttle",
+        "help block_set_io_throttle",
+        "block_set_io_throttle d0 0 0x10 010 0 0 0",
+        "info block d0",
+        "block_set_io_throttle d0 0 0 0 0 0 0",
+        "info block d0",
+        "quit",
+    ]) + "\n"
+    theirs = _system(["qemu-system-x86_64"], image, "-monitor", script)
+    ours = _system([*OURS, "system"], image, "-monitor", script)
+    assert ours == theirs
+    assert any("I/O throttling:   bps=0 bps_rd=16 bps_wr=8" in line for line in theirs)

@@ -319,15 +319,20 @@ class BlockBackend:
         self.iostatus = "ok"
 
     def set_io_limits(self, limits: ThrottleLimits | None, group: str | None = None) -> None:
-        """Throttle reads and writes by ``limits`` in the throttle group ``group`` (default:
-        this BlockBackend's name), which other members share; no limits, or limits that
-        limit nothing, end the throttling (QEMU's ``blk_io_limits_enable/disable``)."""
+        """Throttle reads and writes by ``limits`` in the throttle group ``group``, which
+        other members share; no limits, or limits that limit nothing, end the throttling
+        (QEMU's ``blk_io_limits_enable/update_group/disable``).
+
+        Without ``group`` a throttled BlockBackend stays in its group, and one that was not
+        throttled joins the group named after itself.
+        """
         registry = self.layer.objects
-        if self.io_limits is not None and (limits is None or not limits.enabled
-                                           or (group or self.name) != self.io_limits.name):
+        enabled = limits is not None and limits.enabled
+        if self.io_limits is not None and (not enabled or (group is not None
+                                                           and group != self.io_limits.name)):
             registry.leave_throttle_group(self.io_limits)
             self.io_limits = None
-        if limits is None or not limits.enabled:
+        if limits is None or not enabled:
             return
         if self.io_limits is None:
             self.io_limits = registry.join_throttle_group(group or self.name, limits)

@@ -7,6 +7,7 @@ line ends (the transport turns them into the ``\\r\\n`` QEMU's monitor sends). E
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Callable
 
@@ -18,6 +19,8 @@ from blockgraph.graph.snapshot import external_snapshot
 from blockgraph.monitor.chardev import ChardevRegistry
 from blockgraph.monitor.imageinfo import format_image_chain
 from blockgraph.monitor.qemuio import QemuIO
+from blockgraph.monitor.throttle import REQUIRED as THROTTLE_REQUIRED
+from blockgraph.monitor.throttle import set_io_throttle
 
 _HELP = {
     "cont": "cont|c  -- resume emulation",
@@ -26,6 +29,8 @@ _HELP = {
     "info": "info [subcommand] -- show various information about the system state",
     "qemu-io": 'qemu-io [-d] [device] "[command]" -- run a qemu-io command on a block device',
     "quit": "quit|q  -- quit the emulator",
+    "block_set_io_throttle": "block_set_io_throttle device bps bps_rd bps_wr iops iops_rd "
+                             "iops_wr -- change I/O throttle limits for a block drive",
     "snapshot_blkdev": "snapshot_blkdev [-n] device [new-image-file] [format] -- initiates a live "
                        "snapshot\n\t\t\tof device. If a new image file is specified, the\n\t\t\t"
                        "new image file will become the new root image.\n\t\t\tIf format is "
@@ -34,6 +39,18 @@ _HELP = {
                        "the image found in new-image-file, instead of\n\t\t\trecreating it from "
                        "scratch.",
 }
+
+
+# An HMP integer argument: a signed decimal, 0x hexadecimal or 0 octal number.
+_NUMBER = re.compile(r"[+-]?(0[xX][0-9a-fA-F]+|[0-9]+)")
+
+
+def _hmp_int(text: str) -> int:
+    sign = -1 if text.startswith("-") else 1
+    digits = text.lstrip("+-")
+    if digits[:2].lower() == "0x":
+        return sign * int(digits, 16)
+    return sign * int(digits, 8 if len(digits) > 1 and digits[0] == "0" else 10)
 
 
 _THROTTLE_ORDER = ("bps", "bps_rd", "bps_wr", "bps_max", "bps_rd_max", "bps_wr_max", "iops",
@@ -122,6 +139,7 @@ class HMP:
             "info": self._info,
             "qemu-io": self._qemu_io,
             "snapshot_blkdev": self._snapshot_blkdev,
+            "block_set_io_throttle": self._block_set_io_throttle,
             "quit": self._quit,
             "q": self._quit,
             "stop": self._stop,
@@ -137,6 +155,27 @@ class HMP:
             return await handler(rest)
         except BlockError as exc:
             return f"Error: {exc}\n"
+
+    async def _block_set_io_throttle(self, rest: str) -> str:
+        usage = 'Try "help block_set_io_throttle" for more information\n'
+        words = rest.split()
+        if not words:
+            return "block_set_io_throttle: block device name expected\n" + usage
+        device, numbers = words[0], words[1:]
+        values: dict[str, int] = {}
+        for name in THROTTLE_REQUIRED:
+            if not numbers:
+                return "unexpected end of expression\n" + usage
+            match = _NUMBER.match(numbers[0])
+            text = numbers.pop(0)
+            if match is None or match.end() < len(text):
+                bad = text[match.end() if match else 0]
+                return f"invalid char '{bad}' in expression\n" + usage
+            values[name] = _hmp_int(text)
+        if numbers:
+            return "block_set_io_throttle: extraneous characters at the end of line\n" + usage
+        set_io_throttle(self.layer, device, None, values)
+        return ""
 
     async def _quit(self, rest: str) -> str:
         self.on_quit()

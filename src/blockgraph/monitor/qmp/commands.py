@@ -30,6 +30,9 @@ from blockgraph.monitor.hmp import HMP
 from blockgraph.monitor.qmp import exports, jobcmds, query
 from blockgraph.monitor.qmp.encode import qdict_order
 from blockgraph.monitor.qmp.protocol import version_info
+from blockgraph.monitor.throttle import MEMBERS as THROTTLE_MEMBERS
+from blockgraph.monitor.throttle import REQUIRED as THROTTLE_REQUIRED
+from blockgraph.monitor.throttle import set_io_throttle
 from blockgraph.objects import add_object
 from blockgraph.options.keyval import flatten
 
@@ -491,6 +494,12 @@ async def _block_resize(mon: QMPMonitor, args: dict[str, Any]) -> object:
     return {}
 
 
+async def _block_set_io_throttle(mon: QMPMonitor, args: dict[str, Any]) -> object:
+    values = {k: int(v) for k, v in args.items() if k in THROTTLE_MEMBERS}
+    set_io_throttle(mon.layer, args.get("device"), args.get("id"), values, args.get("group"))
+    return {}
+
+
 async def _human_monitor_command(mon: QMPMonitor, args: dict[str, Any]) -> object:
     text = await HMP(mon.layer, lambda: request_quit(mon), mon.chardevs).execute(
         str(args["command-line"]))
@@ -567,6 +576,11 @@ COMMANDS: tuple[CommandSpec, ...] = (
                  opt("snapshot-node-name", STR), opt("format", STR),
                  opt("mode", enum("existing", "absolute-paths"))),
                 _blockdev_snapshot_sync),
+    CommandSpec("block_set_io_throttle",
+                (opt("device", STR), opt("id", STR),
+                 *(req(m, INT) if m in THROTTLE_REQUIRED else opt(m, INT) for m in THROTTLE_MEMBERS),
+                 opt("group", STR)),
+                _block_set_io_throttle),
     CommandSpec("block_resize", (opt("device", STR), opt("node-name", STR), req("size", INT)),
                 _block_resize),
     CommandSpec("query-block-jobs", (), _query_block_jobs),
