@@ -27,6 +27,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -120,9 +121,13 @@ def test_qemu_qmp_client_over_tcp(chain: Path) -> None:
         daemon.kill()
 
 
-def _converse(sock: socket.socket, script: list[bytes]) -> list[str]:
-    stream = sock.makefile("rb")
-    out = [stream.readline().decode("ascii")]
+def _converse(sock: socket.socket, script: list[bytes],
+              stream: BinaryIO | None = None) -> list[str]:
+    """The greeting (unless ``stream`` is given: read from it already) and a reply per request."""
+    out = []
+    if stream is None:
+        stream = sock.makefile("rb")
+        out.append(stream.readline().decode("ascii"))
     for request in script:
         sock.sendall(request)
         out.append(stream.readline().decode("ascii"))
@@ -144,14 +149,20 @@ def test_differential_over_tcp_against_qemu_storage_daemon(tmp_path: Path) -> No
         daemon = _TCPDaemon(command)
         try:
             first = daemon.connect()
+            stream = first.makefile("rb")
+            replies = [stream.readline().decode("ascii")]
+            # Only once the monitor serves the first client: two connections queued before
+            # the daemon runs make QEMU accept and drop the second now and then.
             second = daemon.connect()  # accepted by the kernel, not yet by the monitor
             script = _script(str(directory))
             quit_request = script.pop()
-            replies = _converse(first, [*script, b'{"execute": "query-chardev", "id": "c"}'])
+            replies += _converse(first, [*script, b'{"execute": "query-chardev", "id": "c"}'],
+                                 stream)
             # A whole conversation later the second client still has no greeting.
             assert not _pending(second)
             port = first.getsockname()[1]
             replies[-1] = replies[-1].replace(f"127.0.0.1:{port}", "127.0.0.1:CLIENT_PORT")
+            stream.close()  # the file object holds the socket open too
             first.close()
             replies += _converse(second, [b'{"execute": "qmp_capabilities"}',
                                           b'{"execute": "query-named-block-nodes", "arguments": {"flat": true}}',
