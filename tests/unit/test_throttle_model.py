@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
 
 from blockgraph.errors import BlockError
+from blockgraph.graph.layer import BlockLayer
 from blockgraph.objects import ObjectRegistry, add_object
-from blockgraph.objects.throttle import ThrottleLimits, ThrottleState
+from blockgraph.objects.throttle import (
+    ThrottleGroup,
+    ThrottleLimits,
+    ThrottleMember,
+    ThrottleState,
+)
 
 
 class Clock:
@@ -100,11 +109,11 @@ def test_query_names_only_what_is_set() -> None:
 def test_throttle_group_object_in_use_cannot_be_deleted() -> None:
     registry = ObjectRegistry()
     add_object(registry, "throttle-group,id=tg,x-iops-total=10,limits.iops-total-max=20")
-    group = registry.join_throttle_group("tg", None)
-    assert group.limits.get("iops-total-max") == 20
+    member = registry.join_throttle_group("tg", None)
+    assert member.group.limits.get("iops-total-max") == 20
     with pytest.raises(BlockError, match="^object 'tg' is in use, can not be deleted$"):
         registry.remove("tg")
-    registry.leave_throttle_group(group)
+    registry.leave_throttle_group(member)
     registry.remove("tg")
     assert "tg" not in registry.throttle_groups
 
@@ -113,8 +122,80 @@ def test_anonymous_group_goes_with_its_last_member() -> None:
     registry = ObjectRegistry()
     a = registry.join_throttle_group("g", ThrottleLimits({"iops-total": 1}))
     b = registry.join_throttle_group("g", ThrottleLimits({"iops-total": 2}))
-    assert a is b and a.limits.get("iops-total") == 2  # the last configuration wins
+    assert a.group is b.group and a.group.limits.get("iops-total") == 2  # the last one wins
     registry.leave_throttle_group(a)
     assert "g" in registry.throttle_groups
     registry.leave_throttle_group(b)
     assert "g" not in registry.throttle_groups
+
+
+def test_a_burst_of_one_second_needs_no_burst_bucket() -> None:
+    # max-length 1 (the default): the bucket simply holds max; no max/10 burst bucket.
+    state, clock = _state(iops_total=10, iops_total_max=100)
+    assert _run(state, clock, 60) == 0
+
+
+def test_limits_are_unsigned_and_burst_length_is_bounded() -> None:
+    with pytest.raises(BlockError, match="^burst length too high for this burst rate$"):
+        ThrottleLimits({"bps-total": 10**14, "bps-total-max": 10**15,
+                        "bps-total-max-length": 11}).check()
+    # -1 is 2^64 - 1 in QEMU: a huge burst length, not a negative one.
+    with pytest.raises(BlockError, match="^burst length set without burst rate$"):
+        ThrottleLimits({"iops-total": 5, "iops-total-max-length": -1}).check()
+
+
+# -- waiting requests (real event loop; the bounds only stop a hung test) --------------------
+
+
+async def _queued(group: ThrottleGroup, member: ThrottleMember, n: int) -> list[asyncio.Task[None]]:
+    tasks = [asyncio.ensure_future(group.intercept(member, False, 512)) for _ in range(n)]
+    await asyncio.sleep(0)  # let them take their places: the first goes, the rest wait
+    return tasks
+
+
+def test_waiting_requests_go_when_their_member_leaves() -> None:
+    async def scenario() -> None:
+        group = ThrottleGroup("g", ThrottleLimits({"iops-total": 1}))  # 1 request/s
+        member = group.join()
+        tasks = await _queued(group, member, 30)
+        assert sum(t.done() for t in tasks) == 1  # the bucket holds a tenth of a request
+        group.leave(member)
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+    asyncio.run(scenario())
+
+
+def test_new_limits_wake_waiting_requests() -> None:
+    async def scenario() -> None:
+        group = ThrottleGroup("g", ThrottleLimits({"iops-total": 1}))
+        member = group.join()
+        tasks = await _queued(group, member, 30)
+        group.configure(ThrottleLimits({}))  # no limits: everything goes
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+    asyncio.run(scenario())
+
+
+def test_deleting_a_drive_lets_its_throttled_requests_finish(tmp_path: Path) -> None:
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"\x5a" * 65536)
+    layer = BlockLayer()
+    try:
+        bb = layer.new_backend("d0")
+        layer.run(layer.open_node(str(image), {"driver": "raw"}, backend=bb))
+        bb.set_io_limits(ThrottleLimits({"iops-total": 1}))
+
+        async def scenario() -> list[bytes]:
+            bufs = [bytearray(512) for _ in range(20)]
+            tasks = [asyncio.ensure_future(bb.preadv(i * 512, memoryview(b)))
+                     for i, b in enumerate(bufs)]
+            await asyncio.sleep(0)
+            await asyncio.wait_for(layer.remove_backend(bb), 10)
+            assert all(t.done() for t in tasks) and bb.in_flight == 0
+            await asyncio.gather(*tasks)  # every read succeeded, before the node closed
+            return [bytes(b) for b in bufs]
+
+        assert layer.run(scenario()) == [b"\x5a" * 512] * 20
+        assert "d0" not in layer.objects.throttle_groups
+    finally:
+        layer.close()

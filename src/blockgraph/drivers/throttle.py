@@ -1,9 +1,10 @@
 """The ``throttle`` filter: the I/O passing through waits for the limits of a throttle group.
 
-``driver=throttle,throttle-group=ID,file=NODE``: ID names a ``throttle-group`` object, whose
-limits every throttle node naming it shares (:mod:`blockgraph.objects.throttle`). Reads wait
-as reads; writes, zero writes and discards wait as writes, as in QEMU. The object cannot be
-deleted while a node uses it.
+``driver=throttle,throttle-group=ID,file=NODE``: ID names a throttle group, a
+``throttle-group`` object or the group of a ``-drive throttling.group``, whose limits every
+member shares (:mod:`blockgraph.objects.throttle`). Reads wait as reads; writes, zero writes
+and discards wait as writes, as in QEMU. A ``throttle-group`` object cannot be deleted while a
+node uses it; ``blockdev-reopen`` may move the node to another group.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from blockgraph.drivers.base import (
     ChildAccess,
     ChildRole,
     DriverInfo,
+    NodeFlags,
     OpenContext,
     PreallocMode,
     RequestFlags,
 )
 from blockgraph.errors import BlockError, IOFailure
-from blockgraph.objects import ObjectRegistry, ThrottleGroupObject
-from blockgraph.objects.throttle import ThrottleGroup
+from blockgraph.objects import ObjectRegistry
+from blockgraph.objects.throttle import ThrottleMember
 from blockgraph.options.schema import OptionSpec, OptType, opt
 
 
@@ -46,27 +48,48 @@ class ThrottleDriver(BlockDriver):
 
     def __init__(self) -> None:
         self.file: ChildAccess | None = None
-        self.group: ThrottleGroup | None = None
+        self.member: ThrottleMember | None = None
         self._objects: ObjectRegistry | None = None
+        self._pending: str | None = None  # the group a reopen moves to
 
-    async def open(self, ctx: OpenContext, options: dict[str, Any]) -> None:
+    @staticmethod
+    def _group_name(objects: ObjectRegistry, options: Mapping[str, Any]) -> str:
         name = options.get("throttle-group")
         if name is None:
             raise BlockError("Please specify a throttle group")
-        found = ctx.objects.get(str(name))
-        if not isinstance(found, ThrottleGroupObject):
+        if str(name) not in objects.throttle_groups:
             raise BlockError(f"Throttle group '{name}' does not exist")
+        return str(name)
+
+    async def open(self, ctx: OpenContext, options: dict[str, Any]) -> None:
+        name = self._group_name(ctx.objects, options)
         self.file = await ctx.open_child("file", ChildRole.FILTERED_PRIMARY)
         if self.file is None:
             raise BlockError('A block device must be specified for "file"')
-        self.group = ctx.objects.join_throttle_group(str(name), None)
+        self.member = ctx.objects.join_throttle_group(name, None)
         self._objects = ctx.objects
 
     async def close(self) -> None:
-        if self.group is not None and self._objects is not None:
-            self._objects.leave_throttle_group(self.group)
-        self.group = None
+        if self.member is not None and self._objects is not None:
+            self._objects.leave_throttle_group(self.member)
+        self.member = None
         self.file = None
+
+    def reopen_prepare(self, options: dict[str, Any], flags: NodeFlags) -> None:
+        assert self._objects is not None
+        self._pending = self._group_name(self._objects, options)
+
+    def reopen_commit(self) -> None:
+        name, self._pending = self._pending, None
+        if name is None or self._objects is None or self.member is None:
+            return
+        if name != self.member.group.name:
+            old = self.member
+            self.member = self._objects.join_throttle_group(name, None)
+            self._objects.leave_throttle_group(old)
+
+    def reopen_abort(self) -> None:
+        self._pending = None
 
     def _child(self) -> ChildAccess:
         if self.file is None:
@@ -74,8 +97,9 @@ class ThrottleDriver(BlockDriver):
         return self.file
 
     async def _wait(self, is_write: bool, nbytes: int) -> None:
-        if self.group is not None:
-            await self.group.intercept(is_write, nbytes)
+        member = self.member
+        if member is not None:
+            await member.group.intercept(member, is_write, nbytes)
 
     def getlength(self) -> int:
         return self._child().getlength()
@@ -110,4 +134,4 @@ class ThrottleDriver(BlockDriver):
         return DriverInfo()
 
     def open_options(self) -> dict[str, object]:
-        return {"throttle-group": self.group.name if self.group is not None else ""}
+        return {"throttle-group": self.member.group.name if self.member is not None else ""}

@@ -24,6 +24,19 @@ _DRIVE_ONLY = ("if", "index", "bus", "unit", "media", "serial", "addr", "boot", 
                "readonly")
 
 
+# -drive's older spellings of the throttling options, renamed first, as QEMU does.
+_LEGACY_NAMES = (
+    *((f"{short}", f"throttling.{bucket}") for short, bucket in (
+        ("bps", "bps-total"), ("bps_rd", "bps-read"), ("bps_wr", "bps-write"),
+        ("iops", "iops-total"), ("iops_rd", "iops-read"), ("iops_wr", "iops-write"))),
+    *((f"{short}_max", f"throttling.{bucket}-max") for short, bucket in (
+        ("bps", "bps-total"), ("bps_rd", "bps-read"), ("bps_wr", "bps-write"),
+        ("iops", "iops-total"), ("iops_rd", "iops-read"), ("iops_wr", "iops-write"))),
+    ("iops_size", "throttling.iops-size"),
+    ("group", "throttling.group"),
+)
+
+
 def _parse_throttling(opts: dict[str, str]) -> tuple[ThrottleLimits, str | None]:
     """Pop the ``throttling.*`` keys: the limits (checked) and the group, if named.
 
@@ -50,6 +63,11 @@ async def drive_new(layer: BlockLayer, opts: dict[str, str]) -> BlockBackend:
     :raise BlockError: with QEMU's message; nothing is left behind.
     """
     opts = dict(opts)
+    for old, new in _LEGACY_NAMES:
+        if old in opts:
+            if new in opts:
+                raise BlockError(f"'{new}' and its alias '{old}' can't be used at the same time")
+            opts[new] = opts.pop(old)
     if_type = opts.pop("if", "ide")
     if if_type not in _IF_TYPES:
         raise BlockError(f"unsupported bus type '{if_type}'")

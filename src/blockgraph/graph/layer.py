@@ -291,8 +291,10 @@ class BlockLayer:
         return bb
 
     async def remove_backend(self, bb: BlockBackend) -> None:
-        root = bb.root
+        # Requests still running finish first; throttled ones stop waiting (QEMU's drain).
         bb.set_io_limits(None)
+        await bb.drain()
+        root = bb.root
         bb.attach(None)
         self.backends.remove(bb)
         if root is not None and not root.parents and not root.backends:

@@ -9,6 +9,7 @@ children. A :class:`BlockBackend` is a root attachment: the only place writethro
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import logging
@@ -27,7 +28,7 @@ from blockgraph.drivers.base import (
 )
 from blockgraph.errors import IOFailure
 from blockgraph.io.request import IONode
-from blockgraph.objects.throttle import ThrottleGroup, ThrottleLimits
+from blockgraph.objects.throttle import ThrottleLimits, ThrottleMember
 
 if TYPE_CHECKING:
     from blockgraph.graph.layer import BlockLayer
@@ -263,9 +264,12 @@ class BlockBackend:
     werror: str = "enospc"
     detect_zeroes: str = "off"
     stats: BlockBackendStats = field(default_factory=BlockBackendStats)
-    # The throttle group whose limits this BlockBackend's reads and writes wait for
-    # (-drive throttling.*, qemu-img convert -r); None: not throttled.
-    io_limits: ThrottleGroup | None = None
+    # This BlockBackend's place in the throttle group whose limits its reads and writes wait
+    # for (-drive throttling.*, block_set_io_throttle, qemu-img convert -r); None: none.
+    io_limits: ThrottleMember | None = None
+    # Requests between their start and their end, for drain().
+    in_flight: int = 0
+    _drained: asyncio.Event | None = None
     # The open flags a new medium gets (``change``), remembered from the drive's options.
     root_flags: NodeFlags = field(default_factory=NodeFlags)
     # I/O status: only a guest device enables it (QEMU's blk_iostatus_enable); without one,
@@ -321,23 +325,48 @@ class BlockBackend:
     def set_io_limits(self, limits: ThrottleLimits | None, group: str | None = None) -> None:
         """Throttle reads and writes by ``limits`` in the throttle group ``group``, which
         other members share; no limits, or limits that limit nothing, end the throttling
-        (QEMU's ``blk_io_limits_enable/update_group/disable``).
+        and let waiting requests go (QEMU's ``blk_io_limits_enable/update_group/disable``).
 
         Without ``group`` a throttled BlockBackend stays in its group, and one that was not
         throttled joins the group named after itself.
         """
         registry = self.layer.objects
+        member = self.io_limits
         enabled = limits is not None and limits.enabled
-        if self.io_limits is not None and (not enabled or (group is not None
-                                                           and group != self.io_limits.name)):
-            registry.leave_throttle_group(self.io_limits)
+        if member is not None and (not enabled or (group is not None
+                                                   and group != member.group.name)):
             self.io_limits = None
+            registry.leave_throttle_group(member)
+            member = None
         if limits is None or not enabled:
             return
-        if self.io_limits is None:
-            self.io_limits = registry.join_throttle_group(group or self.name, limits)
+        if member is None:
+            self.io_limits = registry.join_throttle_group(
+                self.name if group is None else group, limits)
         else:
-            self.io_limits.configure(limits)
+            member.group.configure(limits)
+
+    async def drain(self) -> None:
+        """Wait until no request is in flight; throttled ones go without waiting meanwhile
+        (QEMU's ``blk_drain``). New requests may start afterwards."""
+        member = self.io_limits
+        if member is not None:
+            # Leaving lets the waiting requests go; the same limits are taken up again after.
+            self.set_io_limits(None)
+        while self.in_flight:
+            self._drained = self._drained or asyncio.Event()
+            await self._drained.wait()
+        if member is not None and self.io_limits is None:
+            self.set_io_limits(member.group.limits, member.group.name)
+
+    def _begin(self) -> None:
+        self.in_flight += 1
+
+    def _end(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight and self._drained is not None:
+            self._drained.set()
+            self._drained = None
 
     def attach(self, node: Node | None) -> None:
         """Make ``node`` the root (or eject with None). The write cache mode stays with us."""
@@ -361,13 +390,19 @@ class BlockBackend:
 
     async def preadv(self, offset: int, buf: memoryview) -> None:
         root = self._check(offset, len(buf))
-        if self.io_limits is not None:
-            await self.io_limits.intercept(False, len(buf))
+        self.in_flight += 1
         try:
-            await root.preadv(offset, buf)
-        except Exception:
-            self.stats.failed_rd_operations += 1
-            raise
+            member = self.io_limits
+            if member is not None:
+                await member.group.intercept(member, False, len(buf))
+                root = self._check(offset, len(buf))  # the medium may have gone meanwhile
+            try:
+                await root.preadv(offset, buf)
+            except Exception:
+                self.stats.failed_rd_operations += 1
+                raise
+        finally:
+            self._end()
         self.stats.rd_operations += 1
         self.stats.rd_bytes += len(buf)
 
@@ -376,13 +411,19 @@ class BlockBackend:
         root = self._check(offset, len(buf))
         if not self.write_cache:
             flags |= RequestFlags.FUA
-        if self.io_limits is not None:
-            await self.io_limits.intercept(True, len(buf))
+        self.in_flight += 1
         try:
-            await root.pwritev(offset, buf, flags)
-        except Exception:
-            self.stats.failed_wr_operations += 1
-            raise
+            member = self.io_limits
+            if member is not None:
+                await member.group.intercept(member, True, len(buf))
+                root = self._check(offset, len(buf))  # the medium may have gone meanwhile
+            try:
+                await root.pwritev(offset, buf, flags)
+            except Exception:
+                self.stats.failed_wr_operations += 1
+                raise
+        finally:
+            self._end()
         self.stats.wr_operations += 1
         self.stats.wr_bytes += len(buf)
 
@@ -390,18 +431,34 @@ class BlockBackend:
         if not self.write_cache:
             flags |= RequestFlags.FUA
         root = self._check(offset, length)
-        if self.io_limits is not None:
-            await self.io_limits.intercept(True, length)
-        await root.pwrite_zeroes(offset, length, flags)
+        self.in_flight += 1
+        try:
+            member = self.io_limits
+            if member is not None:
+                await member.group.intercept(member, True, length)
+                root = self._check(offset, length)
+            await root.pwrite_zeroes(offset, length, flags)
+        finally:
+            self._end()
         self.stats.wr_operations += 1
         self.stats.wr_bytes += length
 
     async def pdiscard(self, offset: int, length: int) -> None:
-        await self._check(offset, length).pdiscard(offset, length)
+        root = self._check(offset, length)
+        self.in_flight += 1
+        try:
+            await root.pdiscard(offset, length)
+        finally:
+            self._end()
 
     async def flush(self) -> None:
         self.stats.flush_operations += 1
-        await self._root().flush()
+        root = self._root()
+        self.in_flight += 1
+        try:
+            await root.flush()
+        finally:
+            self._end()
 
     async def load_vmstate(self, offset: int, buf: memoryview) -> None:
         """Read the VM state area (``qemu-io read -b``); see :meth:`IONode.load_vmstate`."""

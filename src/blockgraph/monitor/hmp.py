@@ -7,6 +7,8 @@ line ends (the transport turns them into the ``\\r\\n`` QEMU's monitor sends). E
 
 from __future__ import annotations
 
+import logging
+import operator
 import re
 import shlex
 from collections.abc import Callable
@@ -21,6 +23,9 @@ from blockgraph.monitor.imageinfo import format_image_chain
 from blockgraph.monitor.qemuio import QemuIO
 from blockgraph.monitor.throttle import REQUIRED as THROTTLE_REQUIRED
 from blockgraph.monitor.throttle import set_io_throttle
+from blockgraph.objects.throttle import QMP_MEMBERS
+
+log = logging.getLogger(__name__)
 
 _HELP = {
     "cont": "cont|c  -- resume emulation",
@@ -41,20 +46,124 @@ _HELP = {
 }
 
 
-# An HMP integer argument: a signed decimal, 0x hexadecimal or 0 octal number.
-_NUMBER = re.compile(r"[+-]?(0[xX][0-9a-fA-F]+|[0-9]+)")
+class _ExprError(Exception):
+    """An HMP expression QEMU refuses; the text is its message."""
 
 
-def _hmp_int(text: str) -> int:
-    sign = -1 if text.startswith("-") else 1
-    digits = text.lstrip("+-")
-    if digits[:2].lower() == "0x":
-        return sign * int(digits, 16)
-    return sign * int(digits, 8 if len(digits) > 1 and digits[0] == "0" else 10)
+class _Args:
+    """HMP's argument stream: integer arguments are expressions (``1024*1024``, ``(5+5)``,
+    ``0x10``, ``010``), read one after another from the same line, as QEMU's monitor does.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+
+    def _skip(self) -> None:
+        while self.pos < len(self.text) and self.text[self.pos].isspace():
+            self.pos += 1
+
+    def _peek(self) -> str:
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def word(self) -> str | None:
+        self._skip()
+        start = self.pos
+        while self.pos < len(self.text) and not self.text[self.pos].isspace():
+            self.pos += 1
+        return self.text[start:self.pos] or None
+
+    def at_end(self) -> bool:
+        self._skip()
+        return self.pos >= len(self.text)
+
+    def integer(self) -> int:
+        """One expression, as a signed 64-bit value."""
+        self._skip()
+        value = self._sum()
+        return (value + (1 << 63)) % (1 << 64) - (1 << 63)
+
+    def _binary(self, operators: str, operand: Callable[[], int]) -> int:
+        value = operand()
+        while (op := self._peek()) and op in operators:
+            self.pos += 1
+            self._skip()
+            right = operand()
+            if op in "/%" and right == 0:
+                raise _ExprError("division by zero")
+            value = _OPERATORS[op](value, right)
+        return value
+
+    def _sum(self) -> int:
+        return self._binary("+-", self._logic)
+
+    def _logic(self) -> int:
+        return self._binary("&|^", self._product)
+
+    def _product(self) -> int:
+        return self._binary("*/%", self._unary)
+
+    def _unary(self) -> int:
+        ch = self._peek()
+        if not ch:
+            raise _ExprError("unexpected end of expression")
+        if ch in "+-~":
+            self.pos += 1
+            self._skip()
+            value = self._unary()
+            value = -value if ch == "-" else ~value if ch == "~" else value
+        elif ch == "(":
+            self.pos += 1
+            self._skip()
+            value = self._sum()
+            if self._peek() != ")":
+                raise _ExprError("')' expected")
+            self.pos += 1
+        elif ch == "$":
+            raise _ExprError("unknown register")
+        else:
+            value = self._number()
+        self._skip()
+        return value
+
+    def _number(self) -> int:
+        # strtoull with base 0: the longest prefix that reads as a number ("0x" alone is 0
+        # followed by an 'x'; "08" is 0 followed by an 8).
+        match = _NUMBER.match(self.text, self.pos)
+        if match is None:
+            raise _ExprError(f"invalid char '{self._peek()}' in expression")
+        digits = match.group()
+        self.pos = match.end()
+        if digits[:2].lower() == "0x":
+            value = int(digits, 16)
+        else:
+            value = int(digits, 8 if len(digits) > 1 and digits[0] == "0" else 10)
+        if value >= 1 << 64:
+            raise _ExprError("number too large")
+        return value
 
 
-_THROTTLE_ORDER = ("bps", "bps_rd", "bps_wr", "bps_max", "bps_rd_max", "bps_wr_max", "iops",
-                   "iops_rd", "iops_wr", "iops_max", "iops_rd_max", "iops_wr_max", "iops_size")
+_NUMBER = re.compile(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*")
+
+
+def _c_div(a: int, b: int) -> int:
+    # C's division truncates toward zero; its remainder takes the dividend's sign.
+    quotient = abs(a) // abs(b)
+    return quotient if (a < 0) == (b < 0) else -quotient
+
+
+_OPERATORS: dict[str, Callable[[int, int], int]] = {
+    "+": operator.add, "-": operator.sub, "&": operator.and_, "|": operator.or_,
+    "^": operator.xor, "*": operator.mul, "/": _c_div,
+    "%": lambda a, b: a - _c_div(a, b) * b,
+}
+
+
+# info block's throttling line: the bps limits, the iops limits (no burst lengths), the iops
+# size.
+_THROTTLE_ORDER = (*(n for kind in ("bps", "iops") for n in QMP_MEMBERS
+                     if n.split("_")[0] == kind and not n.endswith("_length")
+                     and n != "iops_size"), "iops_size")
 
 
 def _cache_mode(write_cache: bool, node: Node) -> str:
@@ -97,7 +206,7 @@ def format_block_info(bb: BlockBackend | None, node: Node | None, verbose: bool 
         detect = str(node.options.get("detect-zeroes", "off"))
         if detect != "off":
             lines.append(f"    Detect zeroes:    {detect}")
-        throttled = bb.io_limits if bb is not None else None
+        throttled = bb.io_limits.group if bb is not None and bb.io_limits else None
         if throttled is not None:
             limits = throttled.limits.query()
             values = " ".join(f"{k}={limits.get(k, 0)}" for k in _THROTTLE_ORDER)
@@ -155,24 +264,23 @@ class HMP:
             return await handler(rest)
         except BlockError as exc:
             return f"Error: {exc}\n"
+        except Exception as exc:  # a bug in one command must not end the monitor
+            log.exception("HMP command %r failed", line)
+            return f"Error: {exc}\n"
 
     async def _block_set_io_throttle(self, rest: str) -> str:
         usage = 'Try "help block_set_io_throttle" for more information\n'
-        words = rest.split()
-        if not words:
+        args = _Args(rest)
+        device = args.word()
+        if device is None:
             return "block_set_io_throttle: block device name expected\n" + usage
-        device, numbers = words[0], words[1:]
         values: dict[str, int] = {}
-        for name in THROTTLE_REQUIRED:
-            if not numbers:
-                return "unexpected end of expression\n" + usage
-            match = _NUMBER.match(numbers[0])
-            text = numbers.pop(0)
-            if match is None or match.end() < len(text):
-                bad = text[match.end() if match else 0]
-                return f"invalid char '{bad}' in expression\n" + usage
-            values[name] = _hmp_int(text)
-        if numbers:
+        try:
+            for name in THROTTLE_REQUIRED:
+                values[name] = args.integer()
+        except _ExprError as exc:
+            return f"{exc}\n" + usage
+        if not args.at_end():
             return "block_set_io_throttle: extraneous characters at the end of line\n" + usage
         set_io_throttle(self.layer, device, None, values)
         return ""

@@ -6,21 +6,10 @@ from collections.abc import Mapping
 
 from blockgraph.errors import BlockError, DeviceNotFound
 from blockgraph.graph.layer import BlockLayer
-from blockgraph.objects.throttle import QUERY_NAMES, ThrottleLimits
+from blockgraph.objects.throttle import QMP_MEMBERS, ThrottleLimits
 
-# BlockIOThrottle's members (QMP's names) and the limits they set.
-_MEMBER_KEYS: dict[str, str] = {
-    **{name: bucket for bucket, name in QUERY_NAMES.items()},
-    **{f"{name}_max": f"{bucket}-max" for bucket, name in QUERY_NAMES.items()},
-    **{f"{name}_max_length": f"{bucket}-max-length" for bucket, name in QUERY_NAMES.items()},
-    "iops_size": "iops-size",
-}
-# The order of QEMU's schema, which decides which missing member is reported.
-MEMBERS = ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr",
-           *(f"{n}_max" for n in ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")),
-           *(f"{n}_max_length" for n in ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")),
-           "iops_size")
-REQUIRED = MEMBERS[:6]
+# The members block_set_io_throttle requires: the six averages.
+REQUIRED = tuple(QMP_MEMBERS)[:6]
 
 
 def set_io_throttle(layer: BlockLayer, device: str | None, qdev_id: str | None,
@@ -40,6 +29,6 @@ def set_io_throttle(layer: BlockLayer, device: str | None, qdev_id: str | None,
         raise DeviceNotFound(f"Device '{name}' not found")
     if bb.root is None:
         raise BlockError("Device has no medium")
-    limits = ThrottleLimits({_MEMBER_KEYS[k]: v for k, v in values.items()})
+    limits = ThrottleLimits({QMP_MEMBERS[k]: v for k, v in values.items()})
     limits.check()
     bb.set_io_limits(limits, group)

@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Any
 from blockgraph.errors import BlockError
 from blockgraph.objects.throttle import (
     LIMIT_KEYS,
+    MAX_LENGTH,
     ThrottleGroup,
     ThrottleLimits,
+    ThrottleMember,
     parse_limit,
 )
 from blockgraph.options.schema import parse_bool
@@ -232,22 +234,24 @@ class ObjectRegistry:
         # -drive throttling.group (one namespace, as in QEMU).
         self.throttle_groups: dict[str, ThrottleGroup] = {}
 
-    def join_throttle_group(self, name: str, limits: ThrottleLimits | None) -> ThrottleGroup:
-        """The group ``name`` (made if there is none) with one member more; ``limits``, if
-        given, become the group's (the last member configured wins, as in QEMU)."""
+    def join_throttle_group(self, name: str, limits: ThrottleLimits | None) -> ThrottleMember:
+        """A new member of the group ``name`` (made if there is none); ``limits``, if given,
+        become the group's (the last member configured wins, as in QEMU)."""
         group = self.throttle_groups.get(name)
         if group is None:
             group = self.throttle_groups[name] = ThrottleGroup(name)
         if limits is not None:
             group.configure(limits)
-        group.members += 1
-        return group
+        return group.join()
 
-    def leave_throttle_group(self, group: ThrottleGroup) -> None:
-        group.members -= 1
+    def leave_throttle_group(self, member: ThrottleMember) -> None:
+        """``member`` leaves (its waiting requests go now); an anonymous group goes with its
+        last member, a throttle-group object's stays."""
+        group = member.group
+        group.leave(member)
         owned = isinstance(self.objects.get(group.name), ThrottleGroupObject)
-        if group.members <= 0 and not owned:
-            self.throttle_groups.pop(group.name, None)
+        if group.members <= 0 and not owned and self.throttle_groups.get(group.name) is group:
+            del self.throttle_groups[group.name]
 
     def get(self, ident: str) -> UserObject | None:
         return self.objects.get(ident)
@@ -377,6 +381,9 @@ def add_object(registry: ObjectRegistry, spec: str | Mapping[str, Any],
         raise BlockError(f"Parameter 'id' expects an identifier\n{_ID_HINT}")
     if qom_type not in types:
         raise BlockError(f"invalid object type: {qom_type}")
+    # A throttle-group's properties check themselves as they are set, before the object is
+    # added under its id.
+    throttle_values = _throttle_values(props) if qom_type == "throttle-group" else {}
     if ident in registry.objects:
         raise ObjectCreationError(f"attempt to add duplicate property '{ident}' to object "
                                   "(type 'container')")
@@ -397,7 +404,8 @@ def add_object(registry: ObjectRegistry, spec: str | Mapping[str, Any],
         elif qom_type == "authz-simple":
             obj = AuthzSimple(qom_type, ident, str(props["identity"]))
         elif qom_type == "throttle-group":
-            obj = ThrottleGroupObject(qom_type, ident, _throttle_group(ident, props, registry))
+            obj = ThrottleGroupObject(qom_type, ident,
+                                      _throttle_group(ident, throttle_values, registry))
         elif qom_type == "authz-list":
             rules = tuple(AuthzRule(str(r["match"]), r["policy"] == "allow",
                                     r.get("format") == "glob") for r in props.get("rules", ()))
@@ -412,26 +420,37 @@ def add_object(registry: ObjectRegistry, spec: str | Mapping[str, Any],
     return obj
 
 
-def _throttle_group(ident: str, props: Mapping[str, Any],
-                    registry: ObjectRegistry) -> ThrottleGroup:
-    """The group of a ``throttle-group`` object: its ``x-*`` properties and ``limits`` members
-    apply in the order given (each sets only what it names), then the whole is checked."""
+def _throttle_values(props: Mapping[str, Any]) -> dict[str, int]:
+    """A ``throttle-group``'s limits from its properties, applied in the order given: an
+    ``x-*`` property sets one value (checked for sign and range only); ``limits`` sets what it
+    names and the whole configuration is checked then, as QEMU's setters do."""
     values: dict[str, int] = {}
     for name, value in props.items():
         if name == "limits":
+            for key, number in value.items():
+                if key.endswith("-max-length") and number > MAX_LENGTH:
+                    raise BlockError(f"{key} value must be in the range [0, {MAX_LENGTH}]")
             values.update(value)
+            ThrottleLimits(dict(values)).check()
             continue
         key = name[2:]
         if value < 0:
             raise BlockError("Property values cannot be negative")
-        if key.endswith("-max-length") and value > 4294967295:
+        if key.endswith("-max-length") and value > MAX_LENGTH:
             # QEMU's text, missing space included.
-            raise BlockError(f"{name} value must be in therange [0, 4294967295]")
+            raise BlockError(f"{name} value must be in therange [0, {MAX_LENGTH}]")
         values[key] = value
+    return values
+
+
+def _throttle_group(ident: str, values: dict[str, int],
+                    registry: ObjectRegistry) -> ThrottleGroup:
+    """The group of a new ``throttle-group`` object: its name must be free (anonymous groups of
+    ``-drive throttling.group`` count), its configuration valid."""
+    if ident in registry.throttle_groups:
+        raise BlockError("A group with this name already exists")
     limits = ThrottleLimits(values)
     limits.check()
-    if ident in registry.throttle_groups:
-        raise BlockError(f"Throttle group '{ident}' already exists")
     group = registry.throttle_groups[ident] = ThrottleGroup(ident, limits)
     return group
 

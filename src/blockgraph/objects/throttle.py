@@ -8,35 +8,51 @@ The model is the one QEMU documents (docs/throttle.txt):
   requests (with ``iops-size``, a request of N bytes counts N/iops-size when that is more
   than one); a read fills the total and read buckets, a write the total and write buckets;
 * a bucket leaks at its average rate ``avg``. Without a burst rate it holds a tenth of a
-  second's worth (``avg/10``); with one (``max``) it holds ``max * max-length`` and a second,
-  burst, bucket leaking at ``max`` holds ``max/10``. A request waits while any of its buckets
-  is fuller than it may be, for as long as that takes to drain; then it is counted;
+  second's worth (``avg/10``); with one (``max``) it holds ``max * max-length``, and when
+  ``max-length`` is above one second a second, burst, bucket leaking at ``max`` holds
+  ``max/10``. A request waits while any of its buckets is fuller than it may be, for as long
+  as that takes to drain; then it is counted;
 * requests of one direction go in order (FIFO); reads and writes do not wait for each other.
 
 A group's members (BlockBackends, throttle nodes) share its buckets; new limits replace the
-old ones for all of them, as with QEMU's throttle groups. Waiting is an ``asyncio.sleep`` of
-the computed time, so the event loop goes on with everything else.
+old ones for all of them, as with QEMU's throttle groups, and wake the waiting requests to
+look again. A member that leaves its group (limits switched off, a BlockBackend deleted, a
+throttle node closed) lets its waiting requests go at once, as QEMU's drain does. Values are
+unsigned 64-bit in QEMU: a negative one given through QMP or a command line counts as the
+huge number it becomes there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blockgraph.errors import BlockError
+from blockgraph.options.schema import parse_int
 
 # Bucket names in QEMU's order, which is also the order its checks report in.
 BUCKETS = ("bps-total", "bps-read", "bps-write", "iops-total", "iops-read", "iops-write")
-# query-block's names for them.
+# query-block's and block_set_io_throttle's names for them.
 QUERY_NAMES = {"bps-total": "bps", "bps-read": "bps_rd", "bps-write": "bps_wr",
                "iops-total": "iops", "iops-read": "iops_rd", "iops-write": "iops_wr"}
+# Those names for every limit (BlockIOThrottle's members), in QEMU's schema order: the six
+# averages, their bursts, the bursts' lengths, the iops size.
+QMP_MEMBERS: dict[str, str] = {
+    **{QUERY_NAMES[b]: b for b in BUCKETS},
+    **{QUERY_NAMES[b] + "_max": b + "-max" for b in BUCKETS},
+    **{QUERY_NAMES[b] + "_max_length": b + "-max-length" for b in BUCKETS},
+    "iops_size": "iops-size",
+}
 # Every member of QEMU's ThrottleLimits (``limits.X`` and the ``x-X`` properties).
 LIMIT_KEYS = (*(f"{b}{s}" for b in BUCKETS for s in ("", "-max", "-max-length")), "iops-size")
 
 _MAX_VALUE = 1_000_000_000_000_000
-_MAX_LENGTH = 4294967295
+# The largest burst length a throttle-group property takes (QEMU checks it there only).
+MAX_LENGTH = 4294967295
+_UINT64 = (1 << 64) - 1
 
 
 @dataclass
@@ -46,8 +62,9 @@ class ThrottleLimits:
     values: dict[str, int] = field(default_factory=dict)
 
     def get(self, key: str) -> int:
+        """The value of ``key`` as QEMU holds it: unsigned 64-bit (-1 is 2^64 - 1)."""
         default = 1 if key.endswith("-max-length") else 0
-        return self.values.get(key, default)
+        return self.values.get(key, default) & _UINT64
 
     @property
     def enabled(self) -> bool:
@@ -77,6 +94,8 @@ class ThrottleLimits:
                 raise BlockError("the burst length cannot be 0")
             if length > 1 and not peak:
                 raise BlockError("burst length set without burst rate")
+            if peak and length > _MAX_VALUE // peak:
+                raise BlockError("burst length too high for this burst rate")
             if peak and not avg:
                 raise BlockError("bps_max/iops_max require corresponding bps/iops values")
             if peak and peak < avg:
@@ -85,18 +104,21 @@ class ThrottleLimits:
     def query(self) -> dict[str, int]:
         """query-block's members: the six averages always; bursts, their lengths and the
         iops size only when set (QEMU leaves the others out)."""
-        out = {QUERY_NAMES[b]: self.get(b) for b in BUCKETS}
-        for bucket in BUCKETS:
-            if self.get(bucket + "-max"):
-                out[QUERY_NAMES[bucket] + "_max"] = self.get(bucket + "-max")
-                out[QUERY_NAMES[bucket] + "_max_length"] = self.get(bucket + "-max-length")
-        if self.get("iops-size"):
-            out["iops_size"] = self.get("iops-size")
+        out = {}
+        for name, key in QMP_MEMBERS.items():
+            if key in BUCKETS:
+                shown = True
+            elif key == "iops-size":
+                shown = bool(self.get(key))
+            else:  # a burst or its length: shown with the burst
+                shown = bool(self.get(key.partition("-max")[0] + "-max"))
+            if shown:
+                out[name] = self.get(key)
         return out
 
 
 def parse_limit(name: str, value: object) -> int:
-    """A limit's value from an option (a string on command lines, an int from JSON).
+    """A limit's value from an option: a keyval string, or an integer from JSON.
 
     :raise BlockError: QEMU's ``Parameter 'NAME' expects integer``.
     """
@@ -104,12 +126,7 @@ def parse_limit(name: str, value: object) -> int:
         raise BlockError(f"Invalid parameter type for '{name}', expected: integer")
     if isinstance(value, int):
         return value
-    text = str(value)
-    try:
-        # The keyval visitor reads a plain decimal (or 0x hexadecimal) number, no suffixes.
-        return int(text, 16) if text.lower().startswith(("0x", "-0x")) else int(text, 10)
-    except ValueError:
-        raise BlockError(f"Parameter '{name}' expects integer") from None
+    return parse_int(name, str(value))
 
 
 @dataclass
@@ -120,29 +137,31 @@ class _Bucket:
     level: float = 0.0
     burst_level: float = 0.0
 
+    @property
+    def bursts(self) -> bool:
+        # The burst bucket exists only for bursts longer than a second.
+        return bool(self.peak) and self.length > 1
+
     def leak(self, elapsed: float) -> None:
         self.level = max(0.0, self.level - elapsed * self.avg)
-        if self.peak:
+        if self.bursts:
             self.burst_level = max(0.0, self.burst_level - elapsed * self.peak)
 
     def wait(self) -> float:
         """Seconds until this bucket lets a request through (0: now)."""
         if not self.avg:
             return 0.0
-        if self.peak:
-            size, burst_size = self.peak * self.length, self.peak / 10
-        else:
-            size, burst_size = self.avg / 10, 0.0
+        size = self.peak * self.length if self.peak else self.avg / 10
         wait = (self.level - size) / self.avg
-        if burst_size:
-            wait = max(wait, (self.burst_level - burst_size) / self.peak)
+        if self.bursts:
+            wait = max(wait, (self.burst_level - self.peak / 10) / self.peak)
         # Below a nanosecond is rounding left over from the leak: no wait.
         return wait if wait > 1e-9 else 0.0
 
     def add(self, units: float) -> None:
         if self.avg:
             self.level += units
-            if self.peak:
+            if self.bursts:
                 self.burst_level += units
 
 
@@ -190,6 +209,14 @@ class ThrottleState:
         iops_way.add(ops)
 
 
+class ThrottleMember:
+    """One member's place in a group: while ``active`` its requests wait for the limits."""
+
+    def __init__(self, group: ThrottleGroup) -> None:
+        self.group = group
+        self.active = True
+
+
 class ThrottleGroup:
     """Limits shared by every member (BlockBackend or throttle node) of one group.
 
@@ -203,6 +230,9 @@ class ThrottleGroup:
         self.members = 0
         # One queue per direction: asyncio.Lock wakes its waiters in FIFO order.
         self._queues = (asyncio.Lock(), asyncio.Lock())
+        # Set (and replaced) whenever waiting requests must look again: new limits, or a
+        # member that left.
+        self._changed = asyncio.Event()
 
     @property
     def limits(self) -> ThrottleLimits:
@@ -210,32 +240,37 @@ class ThrottleGroup:
 
     def configure(self, limits: ThrottleLimits) -> None:
         self.state.configure(limits)
+        self._wake()
 
-    async def intercept(self, is_write: bool, nbytes: int) -> None:
+    def join(self) -> ThrottleMember:
+        self.members += 1
+        return ThrottleMember(self)
+
+    def leave(self, member: ThrottleMember) -> None:
+        """``member`` is gone: its waiting requests go now, unthrottled."""
+        if member.active:
+            member.active = False
+            self.members -= 1
+            self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def intercept(self, member: ThrottleMember, is_write: bool, nbytes: int) -> None:
         """Wait until a request of ``nbytes`` may go, then count it."""
-        if not self.state.limits.enabled:
+        if not self.state.limits.enabled or not member.active:
             return
         async with self._queues[is_write]:
-            while (delay := self.state.wait_time(is_write)) > 0:
-                await asyncio.sleep(delay)
-            self.state.account(is_write, nbytes)
+            while member.active and self.state.limits.enabled:
+                delay = self.state.wait_time(is_write)
+                if delay <= 0:
+                    self.state.account(is_write, nbytes)
+                    return
+                changed = self._changed
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), delay)
 
 
-def limits_from_options(options: Mapping[str, object], prefix: str = "") -> ThrottleLimits:
-    """Limits from ``PREFIX<member>`` options (``throttling.iops-total``, ``x-iops-total``),
-    checked.
-
-    :raise BlockError: QEMU's texts.
-    """
-    values = {}
-    for key in LIMIT_KEYS:
-        name = prefix + key
-        if name in options:
-            values[key] = parse_limit(name, options[name])
-    limits = ThrottleLimits(values)
-    limits.check()
-    return limits
-
-
-__all__ = ["BUCKETS", "LIMIT_KEYS", "QUERY_NAMES", "ThrottleGroup", "ThrottleLimits",
-           "ThrottleState", "limits_from_options", "parse_limit"]
+__all__ = ["BUCKETS", "LIMIT_KEYS", "MAX_LENGTH", "QMP_MEMBERS", "QUERY_NAMES", "ThrottleGroup",
+           "ThrottleLimits", "ThrottleMember", "ThrottleState", "parse_limit"]

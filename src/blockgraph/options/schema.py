@@ -100,6 +100,25 @@ def parse_number(key: str, value: str) -> int:
     """
     if _NUMBER_RE.match(value) is None:
         raise OptionError(f"Parameter '{key}' expects a number")
+    return _c_integer(value)
+
+
+def parse_int(key: str, value: str) -> int:
+    """A keyval integer (QEMU's ``qemu_strtoi64`` with base 0): decimal, ``0x`` hex or ``0``
+    octal, signed, within 64 bits.
+
+    :raise OptionError: ``Parameter 'KEY' expects integer``.
+    """
+    if _NUMBER_RE.match(value) is None:
+        raise OptionError(f"Parameter '{key}' expects integer")
+    number = _c_integer(value)
+    if not -(1 << 63) <= number < 1 << 63:
+        raise OptionError(f"Parameter '{key}' expects integer")
+    return number
+
+
+def _c_integer(value: str) -> int:
+    # What strtoll/strtoull with base 0 make of text _NUMBER_RE accepted.
     text = value.strip()
     negative = text.startswith("-")
     digits = text.lstrip("+-")

@@ -30,10 +30,10 @@ from blockgraph.monitor.hmp import HMP
 from blockgraph.monitor.qmp import exports, jobcmds, query
 from blockgraph.monitor.qmp.encode import qdict_order
 from blockgraph.monitor.qmp.protocol import version_info
-from blockgraph.monitor.throttle import MEMBERS as THROTTLE_MEMBERS
 from blockgraph.monitor.throttle import REQUIRED as THROTTLE_REQUIRED
 from blockgraph.monitor.throttle import set_io_throttle
 from blockgraph.objects import add_object
+from blockgraph.objects.throttle import QMP_MEMBERS as THROTTLE_MEMBERS
 from blockgraph.options.keyval import flatten
 
 __all__ = ["QMPMonitor", "Flavour", "check_blockdev_options", "request_quit"]

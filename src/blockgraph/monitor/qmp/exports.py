@@ -26,7 +26,7 @@ from blockgraph.export.nbd.protocol import MAX_STRING_SIZE
 from blockgraph.export.nbd.server import NBDExport, NBDServer, inet_listener, unix_listener
 from blockgraph.export.nbd.status import find_bitmap
 from blockgraph.graph.node import BlockBackend, Node
-from blockgraph.options.schema import parse_bool
+from blockgraph.options.schema import parse_bool, parse_int
 
 if TYPE_CHECKING:
     from blockgraph.monitor.qmp.commands import Member, QMPMonitor
@@ -425,10 +425,7 @@ def _typed(members: tuple[Member, ...], given: dict[str, object], prefix: str = 
         if kind == "bool":
             given[member.name] = parse_bool(path, value)
         elif kind == "int":
-            try:
-                given[member.name] = int(value, 0)
-            except ValueError:
-                raise BlockError(f"Parameter '{path}' expects integer") from None
+            given[member.name] = parse_int(path, value)
 
 
 def _parse_cli(text: str, implied: str | None) -> tuple[dict[str, object], bool]:

@@ -11,14 +11,14 @@ from blockgraph.drivers.base import ChildRole, SnapshotInfo
 from blockgraph.graph.layer import BlockLayer
 from blockgraph.graph.node import BlockBackend, Node
 from blockgraph.graph.query import ImageInfo, image_info
+from blockgraph.objects.throttle import QMP_MEMBERS
 
 # ImageInfoSpecificQCow2 members in schema order.
 _QCOW2_SPECIFIC_ORDER = ("compat", "data-file", "data-file-raw", "extended-l2", "lazy-refcounts",
                          "corrupt", "refcount-bits", "encrypt", "bitmaps", "compression-type")
-_THROTTLE_BASE = ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")
-_THROTTLE_EXTRA = ("bps_max", "bps_rd_max", "bps_wr_max", "iops_max", "iops_rd_max",
-                   "iops_wr_max", "bps_max_length", "bps_rd_max_length", "bps_wr_max_length",
-                   "iops_max_length", "iops_rd_max_length", "iops_wr_max_length", "iops_size")
+# query-block's throttling members: the averages always, the rest when set.
+_THROTTLE_BASE = tuple(QMP_MEMBERS)[:6]
+_THROTTLE_EXTRA = tuple(QMP_MEMBERS)[6:]
 
 
 def _snapshot(sn: SnapshotInfo) -> dict[str, object]:
@@ -74,7 +74,7 @@ def block_device_info(node: Node, backend: BlockBackend | None = None, *,
     Without ``flat`` the image info nests the backing chain (``backing-image``) and
     ``backing_file_depth`` counts it; with ``flat`` both stop at the node itself.
     """
-    throttled = backend.io_limits if backend is not None else None
+    throttled = backend.io_limits.group if backend is not None and backend.io_limits else None
     limits = throttled.limits.query() if throttled is not None else {}
     out: dict[str, object] = {
         "file": node.filename,
