@@ -145,7 +145,7 @@ def test_authz_simple() -> None:
     assert registry.authorize("a0", "CN=client") == "TLS x509 authz check for CN=client is denied"
     assert registry.authorize("a0", None) == "TLS x509 authz check for None is denied"
     assert registry.authorize("zz", "CN=client") == "Cannot find QAuthZ object ID zz"
-    # An authz type that is not evaluated refuses everyone.
+    # An authz-list without rules applies its policy, deny by default.
     assert registry.authorize("l0", "C=GB,CN=client") is not None
     assert object_help("authz-simple,help") == ["authz-simple options:", "  identity=<string>"]
 
