@@ -207,6 +207,8 @@ class Qcow2Driver(BlockDriver):
         self._overlap_tables: dict[int, tuple[list[int], list[int]]] = {}
         self._overlap_kinds_cache: dict[tuple[str, str | None], frozenset[str]] = {}
         self._overlap_reftable: tuple[list[int], int, list[int]] | None = None
+        # (key, copy of the L1 table, starts, ends): see _data_overlaps_metadata.
+        self._overlap_index: tuple[tuple[Any, ...], list[int], list[int], list[int]] | None = None
         self._lock = MetadataLock()
         self.l1_table: list[int] = []
         self.lazy_refcounts = False
@@ -575,9 +577,79 @@ class Qcow2Driver(BlockDriver):
         i = bisect.bisect_left(offsets, offset - self.cluster_size + 1)
         return i < len(offsets) and offsets[i] < end
 
+    def _overlap_index_key(self) -> tuple[Any, ...]:
+        """Everything the overlap check reads apart from the L1 table's contents."""
+        h = self.header
+        rc = self.refcounts
+        bitmaps = h.bitmaps
+        return (
+            self.overlap_check, h.l1_table_offset, h.l1_size, rc.refcount_table_offset,
+            id(rc.refcount_table), rc.table_version, h.snapshots_offset, self.snapshots_size,
+            tuple((sn.l1_table_offset, sn.l1_size) for sn in self.snapshots)
+            if self.snapshots else (),
+            (bitmaps.bitmap_directory_offset, bitmaps.bitmap_directory_size)
+            if bitmaps is not None else None,
+        )
+
+    def _data_overlaps_metadata(self, offset: int, end: int) -> bool:
+        """Whether ``[offset, end)`` meets any checked metadata (no ``ignore``).
+
+        The check runs before every guest data write: one bisect in the union of the checked
+        metadata ranges, rebuilt whenever anything it was built from changes (the L1 table
+        compared as a list, at C speed, the rest by :meth:`_overlap_index_key`).
+        """
+        key = self._overlap_index_key()
+        index = self._overlap_index
+        if index is None or index[0] != key or index[1] != self.l1_table:
+            index = self._build_overlap_index(key)
+        starts = index[2]
+        j = bisect.bisect_left(starts, end) - 1
+        return j >= 0 and index[3][j] > offset
+
+    def _build_overlap_index(
+        self, key: tuple[Any, ...],
+    ) -> tuple[tuple[Any, ...], list[int], list[int], list[int]]:
+        enabled = self._overlap_kinds(None)
+        cs = self.cluster_size
+        h = self.header
+        rc = self.refcounts
+        ranges: list[tuple[int, int]] = []
+        if "main-header" in enabled:
+            ranges.append((0, cs))
+        if "active-l1" in enabled:
+            ranges.append((h.l1_table_offset, h.l1_size * L1E_SIZE))
+        if "active-l2" in enabled:
+            ranges += [(e & L1E_OFFSET_MASK, cs) for e in self.l1_table if e & L1E_OFFSET_MASK]
+        if "refcount-table" in enabled:
+            ranges.append((rc.refcount_table_offset, len(rc.refcount_table) * REFTABLE_ENTRY_SIZE))
+        if "refcount-block" in enabled:
+            ranges += [(e & REFT_OFFSET_MASK, cs) for e in rc.refcount_table
+                       if e & REFT_OFFSET_MASK]
+        if "snapshot-table" in enabled:
+            ranges.append((h.snapshots_offset, self.snapshots_size))
+        if "inactive-l1" in enabled:
+            ranges += [(sn.l1_table_offset, sn.l1_size * L1E_SIZE) for sn in self.snapshots]
+        if "bitmap-directory" in enabled and h.bitmaps is not None:
+            ranges.append((h.bitmaps.bitmap_directory_offset, h.bitmaps.bitmap_directory_size))
+        # The union as disjoint sorted ranges: the last one starting before a write's end is
+        # the only one that can overlap it.
+        starts: list[int] = []
+        ends: list[int] = []
+        for start, size in sorted(r for r in ranges if r[1] > 0):
+            if ends and start <= ends[-1]:
+                ends[-1] = max(ends[-1], start + size)
+            else:
+                starts.append(start)
+                ends.append(start + size)
+        index = (key, list(self.l1_table), starts, ends)
+        self._overlap_index = index
+        return index
+
     def overlapping_metadata(self, offset: int, length: int, ignore: str | None = None) -> str | None:
         """The first kind of metadata ``[offset, offset+length)`` overlaps (QEMU's order)."""
         if length <= 0 or self.overlap_check == "none" and not self.options:
+            return None
+        if ignore is None and not self._data_overlaps_metadata(offset, offset + length):
             return None
         enabled = self._overlap_kinds(ignore)
         end = offset + length
