@@ -812,7 +812,8 @@ class Qcow2Driver(BlockDriver):
     async def _l2_depends_on_refcounts(self) -> None:
         if self.lazy_refcounts:
             await self._mark_dirty()
-        else:
+        elif self.l2_cache.depends is not self.refcount_cache or self.refcount_cache.depends:
+            # (Already in place, as after every allocation but the first: nothing to do.)
             await self.l2_cache.set_dependency(self.refcount_cache)
 
     def _split(self, offset: int, length: int) -> tuple[int, int, int]:
@@ -838,6 +839,14 @@ class Qcow2Driver(BlockDriver):
             words = struct.unpack_from(f">{2 * nb}Q", table, l2_index * L2E_SIZE_EXTENDED)
             return list(zip(words[0::2], words[1::2], strict=True))
         return [(e, 0) for e in struct.unpack_from(f">{nb}Q", table, l2_index * L2E_SIZE_NORMAL)]
+
+    async def _l2_std_entries(self, l1_index: int, l2_index: int, nb: int) -> tuple[int, ...]:
+        """:meth:`_l2_entries` of a standard L2 table: the entries alone, as unpacked."""
+        l2_offset = self.l1_table[l1_index] & L1E_OFFSET_MASK if l1_index < len(self.l1_table) else 0
+        if l2_offset and not l2_offset & (self.cluster_size - 1):
+            table = self.l2_cache.lookup(l2_offset) or await self.l2_cache.get(l2_offset)
+            return struct.unpack_from(f">{nb}Q", table, l2_index * L2E_SIZE_NORMAL)
+        return tuple(e for e, _ in await self._l2_entries(l1_index, l2_index, nb))
 
     def _compressed_range(self, l2_entry: int) -> tuple[int, int]:
         coffset = l2_entry & self.cluster_offset_mask
@@ -1175,9 +1184,11 @@ class Qcow2Driver(BlockDriver):
 
     def _reads_as_zero(self, l2_entry: int) -> bool:
         """Whether a cluster mapped by ``l2_entry`` reads as zeros (standard entries)."""
-        ctype = self._ctype(l2_entry)
-        return ctype is ClusterType.ZERO_PLAIN or ctype is ClusterType.ZERO_ALLOC or (
-            ctype is ClusterType.UNALLOCATED and self.backing is None)
+        if l2_entry & QCOW_OFLAG_COMPRESSED:
+            return False
+        if l2_entry & QCOW_OFLAG_ZERO:
+            return True  # ZERO_PLAIN or ZERO_ALLOC
+        return self.backing is None and self._ctype(l2_entry) is ClusterType.UNALLOCATED
 
     async def _write_slice(self, offset: int, data: memoryview, l1_index: int, l2_index: int,
                            nb: int) -> None:
@@ -1205,9 +1216,10 @@ class Qcow2Driver(BlockDriver):
                 await lock.start_write()
                 held = True
             self._discard_type = "other"
-            entries = [e for e, _ in await self._l2_entries(l1_index, l2_index, nb)]
+            entries = await self._l2_std_entries(l1_index, l2_index, nb)
             # Runs: [kind, first, count, host] with kind "inplace" / "reuse" / "new".
             runs: list[list[Any]] = []
+            allocating = False
             for i, entry in enumerate(entries):
                 host = entry & L2E_OFFSET_MASK
                 flags_ = entry & _INPLACE_FLAGS
@@ -1217,13 +1229,15 @@ class Qcow2Driver(BlockDriver):
                     kind = "reuse"  # a preallocated zero cluster, written in place
                 else:
                     kind, host = "new", 0
+                if kind != "inplace":
+                    allocating = True
                 if runs:
                     last = runs[-1]
                     if last[0] == kind and (kind == "new" or last[3] + last[2] * cs == host):
                         last[2] += 1
                         continue
                 runs.append([kind, i, 1, host])
-            if len(runs) == 1 and runs[0][0] == "inplace":
+            if not allocating and len(runs) == 1:
                 # Nothing to allocate: the in-place count keeps barriers off it, as in the
                 # fast path of pwritev.
                 host = runs[0][3]
@@ -1237,7 +1251,7 @@ class Qcow2Driver(BlockDriver):
                 finally:
                     lock.end_inplace()
                 return
-            if any(r[0] != "inplace" for r in runs):
+            if allocating:
                 await self._get_l2_for_write(l1_index)
             inflight = lock.register(first_cluster, first_cluster + nb)
             cluster_base = first_cluster << self.cluster_bits
@@ -1285,7 +1299,7 @@ class Qcow2Driver(BlockDriver):
                 lock.release()
 
     async def _write_run_data(self, kind: str, host: int, run_start: int, run_end: int,
-                              lo: int, hi: int, piece: memoryview, entries: list[int],
+                              lo: int, hi: int, piece: memoryview, entries: tuple[int, ...],
                               first: int, count: int) -> bool:
         """Write one run's data (and COW unless in place); return whether COW happened."""
         cs = self.cluster_size
@@ -1327,7 +1341,7 @@ class Qcow2Driver(BlockDriver):
         await self._l2_depends_on_refcounts()
         # The L2 table is looked up again: it may have been evicted while the data was written.
         l2_offset = await self._get_l2_for_write(l1_index)
-        table = await self.l2_cache.get(l2_offset)
+        table = self.l2_cache.lookup(l2_offset) or await self.l2_cache.get(l2_offset)
         pos = l2_index * L2E_SIZE_NORMAL
         # The entries as they are now: the references to drop are the ones held at linking.
         old = struct.unpack_from(f">{count}Q", table, pos)
