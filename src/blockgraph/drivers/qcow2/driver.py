@@ -1267,7 +1267,7 @@ class Qcow2Driver(BlockDriver):
                     held = True
                 if kind == "new":
                     host = await self._alloc_data(run_start, count * cs)
-                if not self.external_data:
+                if not self.external_data and self.overlapping_metadata(host, count * cs):
                     try:
                         await self._overlap_check(host, count * cs)
                     except IOFailure:
@@ -1338,9 +1338,14 @@ class Qcow2Driver(BlockDriver):
         cs = self.cluster_size
         if cow or self.external_data:
             self.l2_cache.set_depends_on_flush()
-        await self._l2_depends_on_refcounts()
+        if (self.lazy_refcounts or self.l2_cache.depends is not self.refcount_cache
+                or self.refcount_cache.depends):
+            await self._l2_depends_on_refcounts()
         # The L2 table is looked up again: it may have been evicted while the data was written.
-        l2_offset = await self._get_l2_for_write(l1_index)
+        l1_entry = self.l1_table[l1_index]
+        l2_offset = l1_entry & L1E_OFFSET_MASK
+        if not (l2_offset and l1_entry & QCOW_OFLAG_COPIED):
+            l2_offset = await self._get_l2_for_write(l1_index)
         table = self.l2_cache.lookup(l2_offset) or await self.l2_cache.get(l2_offset)
         pos = l2_index * L2E_SIZE_NORMAL
         # The entries as they are now: the references to drop are the ones held at linking.
