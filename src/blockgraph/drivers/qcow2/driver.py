@@ -3,8 +3,13 @@
 Rules of this module:
 
 * Every metadata change (L1, L2 caches, refcounts, header) happens under ``self._lock``, the
-  equivalent of QEMU's ``s->lock``. Guest data reads run outside it once mapped; allocating
-  writes keep it until their L2 entries are set, so two requests never allocate the same cluster.
+  equivalent of QEMU's ``s->lock`` (a :class:`~blockgraph.drivers.qcow2.inflight.MetadataLock`).
+  Guest data reads run outside it once mapped. As in QEMU, writes run their data outside it:
+  an allocating write allocates and registers its clusters under the mutex, writes data and
+  COW without it, and takes it again to set the L2 entries; a request overlapping an
+  allocation in flight waits for it, so two requests never allocate the same cluster, and a
+  cluster is only mapped once its data is written. ``async with self._lock`` (everything that
+  may free or share clusters) also waits until no write is in flight.
 * On-disk ordering is QEMU's (``specs/qcow2-format.md`` §10): refcount ↑ before the L2 entry
   (the L2 cache depends on the refcount cache unless lazy refcounts are on); data and COW
   before the L2 entry (flush dependency when COW happened); new L2 tables written and synced
@@ -26,7 +31,6 @@ kept, and :attr:`Qcow2Driver.overlap_check` is stored for the overlap-check hook
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import logging
 import struct
@@ -64,6 +68,7 @@ from blockgraph.drivers.qcow2.header import (
     QcowHeader,
     parse_header,
 )
+from blockgraph.drivers.qcow2.inflight import MetadataLock
 from blockgraph.drivers.qcow2.refcount import Refcounts
 from blockgraph.drivers.qcow2.snapshot import Snapshot, read_snapshots
 from blockgraph.drivers.qcow2.tables import (
@@ -146,6 +151,8 @@ _STATUS_ZERO_ALLOC = (
 _STATUS_COMPRESSED = BlockStatusFlags.DATA | BlockStatusFlags.ALLOCATED
 _STATUS_ZERO = BlockStatusFlags.ZERO | BlockStatusFlags.ALLOCATED
 _STATUS_UNALLOCATED = BlockStatusFlags(0)
+# An L2 entry with exactly QCOW_OFLAG_COPIED of these is a normal cluster with refcount 1.
+_INPLACE_FLAGS = QCOW_OFLAG_COPIED | QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO
 # Allocating writes with COW up to this size write head, data and tail in one request.
 _MERGE_COW_MAX = 1 << 20
 
@@ -200,7 +207,9 @@ class Qcow2Driver(BlockDriver):
         self._overlap_tables: dict[int, tuple[list[int], list[int]]] = {}
         self._overlap_kinds_cache: dict[tuple[str, str | None], frozenset[str]] = {}
         self._overlap_reftable: tuple[list[int], int, list[int]] | None = None
-        self._lock = asyncio.Lock()
+        # (key, copy of the L1 table, starts, ends): see _data_overlaps_metadata.
+        self._overlap_index: tuple[tuple[Any, ...], list[int], list[int], list[int]] | None = None
+        self._lock = MetadataLock()
         self.l1_table: list[int] = []
         self.lazy_refcounts = False
         self.discard_passthrough = {"request": False, "snapshot": True, "other": False}
@@ -568,9 +577,79 @@ class Qcow2Driver(BlockDriver):
         i = bisect.bisect_left(offsets, offset - self.cluster_size + 1)
         return i < len(offsets) and offsets[i] < end
 
+    def _overlap_index_key(self) -> tuple[Any, ...]:
+        """Everything the overlap check reads apart from the L1 table's contents."""
+        h = self.header
+        rc = self.refcounts
+        bitmaps = h.bitmaps
+        return (
+            self.overlap_check, h.l1_table_offset, h.l1_size, rc.refcount_table_offset,
+            id(rc.refcount_table), rc.table_version, h.snapshots_offset, self.snapshots_size,
+            tuple((sn.l1_table_offset, sn.l1_size) for sn in self.snapshots)
+            if self.snapshots else (),
+            (bitmaps.bitmap_directory_offset, bitmaps.bitmap_directory_size)
+            if bitmaps is not None else None,
+        )
+
+    def _data_overlaps_metadata(self, offset: int, end: int) -> bool:
+        """Whether ``[offset, end)`` meets any checked metadata (no ``ignore``).
+
+        The check runs before every guest data write: one bisect in the union of the checked
+        metadata ranges, rebuilt whenever anything it was built from changes (the L1 table
+        compared as a list, at C speed, the rest by :meth:`_overlap_index_key`).
+        """
+        key = self._overlap_index_key()
+        index = self._overlap_index
+        if index is None or index[0] != key or index[1] != self.l1_table:
+            index = self._build_overlap_index(key)
+        starts = index[2]
+        j = bisect.bisect_left(starts, end) - 1
+        return j >= 0 and index[3][j] > offset
+
+    def _build_overlap_index(
+        self, key: tuple[Any, ...],
+    ) -> tuple[tuple[Any, ...], list[int], list[int], list[int]]:
+        enabled = self._overlap_kinds(None)
+        cs = self.cluster_size
+        h = self.header
+        rc = self.refcounts
+        ranges: list[tuple[int, int]] = []
+        if "main-header" in enabled:
+            ranges.append((0, cs))
+        if "active-l1" in enabled:
+            ranges.append((h.l1_table_offset, h.l1_size * L1E_SIZE))
+        if "active-l2" in enabled:
+            ranges += [(e & L1E_OFFSET_MASK, cs) for e in self.l1_table if e & L1E_OFFSET_MASK]
+        if "refcount-table" in enabled:
+            ranges.append((rc.refcount_table_offset, len(rc.refcount_table) * REFTABLE_ENTRY_SIZE))
+        if "refcount-block" in enabled:
+            ranges += [(e & REFT_OFFSET_MASK, cs) for e in rc.refcount_table
+                       if e & REFT_OFFSET_MASK]
+        if "snapshot-table" in enabled:
+            ranges.append((h.snapshots_offset, self.snapshots_size))
+        if "inactive-l1" in enabled:
+            ranges += [(sn.l1_table_offset, sn.l1_size * L1E_SIZE) for sn in self.snapshots]
+        if "bitmap-directory" in enabled and h.bitmaps is not None:
+            ranges.append((h.bitmaps.bitmap_directory_offset, h.bitmaps.bitmap_directory_size))
+        # The union as disjoint sorted ranges: the last one starting before a write's end is
+        # the only one that can overlap it.
+        starts: list[int] = []
+        ends: list[int] = []
+        for start, size in sorted(r for r in ranges if r[1] > 0):
+            if ends and start <= ends[-1]:
+                ends[-1] = max(ends[-1], start + size)
+            else:
+                starts.append(start)
+                ends.append(start + size)
+        index = (key, list(self.l1_table), starts, ends)
+        self._overlap_index = index
+        return index
+
     def overlapping_metadata(self, offset: int, length: int, ignore: str | None = None) -> str | None:
         """The first kind of metadata ``[offset, offset+length)`` overlaps (QEMU's order)."""
         if length <= 0 or self.overlap_check == "none" and not self.options:
+            return None
+        if ignore is None and not self._data_overlaps_metadata(offset, offset + length):
             return None
         enabled = self._overlap_kinds(ignore)
         end = offset + length
@@ -733,7 +812,8 @@ class Qcow2Driver(BlockDriver):
     async def _l2_depends_on_refcounts(self) -> None:
         if self.lazy_refcounts:
             await self._mark_dirty()
-        else:
+        elif self.l2_cache.depends is not self.refcount_cache or self.refcount_cache.depends:
+            # (Already in place, as after every allocation but the first: nothing to do.)
             await self.l2_cache.set_dependency(self.refcount_cache)
 
     def _split(self, offset: int, length: int) -> tuple[int, int, int]:
@@ -759,6 +839,14 @@ class Qcow2Driver(BlockDriver):
             words = struct.unpack_from(f">{2 * nb}Q", table, l2_index * L2E_SIZE_EXTENDED)
             return list(zip(words[0::2], words[1::2], strict=True))
         return [(e, 0) for e in struct.unpack_from(f">{nb}Q", table, l2_index * L2E_SIZE_NORMAL)]
+
+    async def _l2_std_entries(self, l1_index: int, l2_index: int, nb: int) -> tuple[int, ...]:
+        """:meth:`_l2_entries` of a standard L2 table: the entries alone, as unpacked."""
+        l2_offset = self.l1_table[l1_index] & L1E_OFFSET_MASK if l1_index < len(self.l1_table) else 0
+        if l2_offset and not l2_offset & (self.cluster_size - 1):
+            table = self.l2_cache.lookup(l2_offset) or await self.l2_cache.get(l2_offset)
+            return struct.unpack_from(f">{nb}Q", table, l2_index * L2E_SIZE_NORMAL)
+        return tuple(e for e, _ in await self._l2_entries(l1_index, l2_index, nb))
 
     def _compressed_range(self, l2_entry: int) -> tuple[int, int]:
         coffset = l2_entry & self.cluster_offset_mask
@@ -884,8 +972,13 @@ class Qcow2Driver(BlockDriver):
             cur = offset + pos
             l1_index, l2_index, nb = self._split(cur, total - pos)
             chunk = min(total - pos, ((cur >> self.cluster_bits) + nb) * self.cluster_size - cur)
-            async with self._lock:
+            # Only the mapping needs the mutex: a write in flight maps its clusters only once
+            # their data is written, so reads never wait for it.
+            await self._lock.relock()
+            try:
                 entries = await self._l2_entries(l1_index, l2_index, nb)
+            finally:
+                self._lock.release()
             for seg in self._segments(cur, chunk, entries):
                 start = seg.guest_offset - offset
                 await self._read_segment(seg, buf[start : start + seg.length])
@@ -1000,38 +1093,49 @@ class Qcow2Driver(BlockDriver):
             await self._read_segment(seg, view[a : a + seg.length])
 
     async def pwritev(self, offset: int, buf: memoryview, flags: RequestFlags) -> None:
-        self._check_usable()
+        if self._broken:
+            raise IOFailure(ENOMEDIUM)  # QEMU makes the node unusable after a fatal corruption
         if flags and flags & RequestFlags.COMPRESSED:
             await self._write_compressed(offset, buf)
             return
+        lock = self._lock
+        if not lock.locked():
+            # Fast path: a write inside one cluster that is allocated with refcount 1 changes
+            # no metadata; like QEMU it runs without the mutex. Nothing awaits between the
+            # lookup and the in-place count, and every operation that could free or share the
+            # cluster waits for that count (MetadataLock's barrier).
+            entry = self._l2_entry_if_cached(offset, len(buf))
+            if (entry is not None and entry & _INPLACE_FLAGS == QCOW_OFLAG_COPIED
+                    and entry & L2E_OFFSET_MASK):
+                host = entry & L2E_OFFSET_MASK
+                if self.overlapping_metadata(host, self.cluster_size) is None:
+                    lock.inplace += 1
+                    try:
+                        await self._file.pwritev(host + (offset & (self.cluster_size - 1)), buf)
+                    finally:
+                        lock.end_inplace()
+                    return
         total = len(buf)
         pos = 0
-        async with self._lock:
-            self._discard_type = "other"
-            entry = self._l2_entry_if_cached(offset, total)
-            if (entry is not None and entry & QCOW_OFLAG_COPIED and entry & L2E_OFFSET_MASK
-                    and not entry & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)):
-                # Fast path: a write inside one allocated cluster with refcount 1 is the
-                # general path's "inplace" run (overlap check of the cluster, then the data),
-                # with no metadata to change. The entry is read under the lock.
-                host = entry & L2E_OFFSET_MASK
-                await self._overlap_check(host, self.cluster_size)
-                await self._file.pwritev(host + (offset & (self.cluster_size - 1)), buf)
-                return
-            while pos < total:
-                cur = offset + pos
-                l1_index, l2_index, nb = self._split(cur, total - pos)
-                chunk = min(total - pos,
-                            ((cur >> self.cluster_bits) + nb) * self.cluster_size - cur)
-                if self.extended_l2:
-                    from blockgraph.drivers.qcow2.subcluster import write_slice_ext
+        while pos < total:
+            cur = offset + pos
+            l1_index, l2_index, nb = self._split(cur, total - pos)
+            chunk = min(total - pos, ((cur >> self.cluster_bits) + nb) * self.cluster_size - cur)
+            if self.extended_l2:
+                from blockgraph.drivers.qcow2.subcluster import write_slice_ext
 
+                # Extended L2 writes keep the mutex throughout: no write of such an image
+                # is ever in flight outside it.
+                await lock.start_write()
+                try:
+                    self._discard_type = "other"
                     await write_slice_ext(self, cur, buf[pos : pos + chunk], l1_index,
                                           l2_index, nb)
-                else:
-                    await self._write_slice(cur, buf[pos : pos + chunk], l1_index, l2_index,
-                                            nb)
-                pos += chunk
+                finally:
+                    lock.release()
+            else:
+                await self._write_slice(cur, buf[pos : pos + chunk], l1_index, l2_index, nb)
+            pos += chunk
 
     async def _write_compressed(self, offset: int, buf: memoryview) -> None:
         """``write -c``: whole clusters (or the disk's last, partial one), one at a time."""
@@ -1078,83 +1182,183 @@ class Qcow2Driver(BlockDriver):
                 struct.pack_into(">Q", table, l2_index * L2E_SIZE_NORMAL, new_entry)
             self.l2_cache.mark_dirty(l2_offset)
 
+    def _reads_as_zero(self, l2_entry: int) -> bool:
+        """Whether a cluster mapped by ``l2_entry`` reads as zeros (standard entries)."""
+        if l2_entry & QCOW_OFLAG_COMPRESSED:
+            return False
+        if l2_entry & QCOW_OFLAG_ZERO:
+            return True  # ZERO_PLAIN or ZERO_ALLOC
+        return self.backing is None and self._ctype(l2_entry) is ClusterType.UNALLOCATED
+
     async def _write_slice(self, offset: int, data: memoryview, l1_index: int, l2_index: int,
                            nb: int) -> None:
-        cs = self.cluster_size
-        entries = [e for e, _ in await self._l2_entries(l1_index, l2_index, nb)]
-        # Runs: ("inplace", first, count, host) / ("reuse", ...) / ("new", first, count, 0).
-        runs: list[list[Any]] = []
-        for i, entry in enumerate(entries):
-            ctype = self._ctype(entry)
-            host = entry & L2E_OFFSET_MASK
-            if ctype is ClusterType.NORMAL and entry & QCOW_OFLAG_COPIED:
-                kind = "inplace"
-            elif ctype is ClusterType.ZERO_ALLOC and entry & QCOW_OFLAG_COPIED:
-                kind = "reuse"
-            else:
-                kind, host = "new", 0
-            if runs:
-                last = runs[-1]
-                if last[0] == kind and (kind == "new" or last[3] + last[2] * cs == host):
-                    last[2] += 1
-                    continue
-            runs.append([kind, i, 1, host])
+        """Write ``data`` at guest ``offset``: ``nb`` clusters inside one L2 table.
 
-        need_l2 = any(r[0] != "inplace" for r in runs)
-        l2_offset = await self._get_l2_for_write(l1_index) if need_l2 else 0
-        cluster_base = (offset >> self.cluster_bits) << self.cluster_bits
-        end = offset + len(data)
-        for kind, first, count, host in runs:
-            run_start = cluster_base + first * cs
-            run_end = run_start + count * cs
-            lo = max(run_start, offset)
-            hi = min(run_end, end)
-            piece = data[lo - offset : hi - offset]
-            if kind == "new":
-                host = await self._alloc_data(run_start, count * cs)
-            data_child = self._data
-            if not self.external_data:
-                await self._overlap_check(host, count * cs)
-            if kind == "inplace":
-                await data_child.pwritev(host + (lo - run_start), piece)
-                continue
-            cow = lo > run_start or hi < run_end
-            if cow and count * cs <= _MERGE_COW_MAX:
-                # QEMU's merge_cow: the COW head, the new data and the COW tail of a small
-                # run go out in one write (one syscall instead of three). Ordering is the same:
-                # all of it lands before the L2 entry below.
-                merged = memoryview(bytearray(run_end - run_start))
-                if lo > run_start:
-                    await self._read_old_into(merged[: lo - run_start], entries[first], run_start)
-                merged[lo - run_start : hi - run_start] = piece
-                if hi < run_end:
-                    await self._read_old_into(merged[hi - run_start :],
-                                              entries[first + count - 1], hi)
-                await data_child.pwritev(host, merged)
-            else:
-                if lo > run_start:
-                    head = await self._read_old(run_start, entries[first], run_start, lo)
-                    await data_child.pwritev(host, memoryview(head))
-                await data_child.pwritev(host + (lo - run_start), piece)
-                if hi < run_end:
-                    tail = await self._read_old(run_end - cs, entries[first + count - 1], hi,
-                                                run_end)
-                    await data_child.pwritev(host + (hi - run_start), memoryview(tail))
-            if cow or self.external_data:
-                self.l2_cache.set_depends_on_flush()
+        QEMU's allocating write: under the mutex the clusters are mapped, an allocation is
+        registered for them (a write overlapping one in flight waits for it first) and host
+        clusters are allocated run by run; each run's data and COW are written without the
+        mutex, then the mutex is taken again to set its L2 entries and drop the old references.
+        """
+        cs = self.cluster_size
+        lock = self._lock
+        first_cluster = offset >> self.cluster_bits
+        await lock.start_write()
+        held = True
+        inflight = None
+        try:
+            while True:
+                dep = lock.dependency(first_cluster, first_cluster + nb)
+                if dep is None:
+                    break
+                lock.release()
+                held = False
+                await dep.wait()
+                await lock.start_write()
+                held = True
+            self._discard_type = "other"
+            entries = await self._l2_std_entries(l1_index, l2_index, nb)
+            # Runs: [kind, first, count, host] with kind "inplace" / "reuse" / "new".
+            runs: list[list[Any]] = []
+            allocating = False
+            for i, entry in enumerate(entries):
+                host = entry & L2E_OFFSET_MASK
+                flags_ = entry & _INPLACE_FLAGS
+                if flags_ == QCOW_OFLAG_COPIED and (host or self.external_data):
+                    kind = "inplace"
+                elif flags_ == QCOW_OFLAG_COPIED | QCOW_OFLAG_ZERO and host:
+                    kind = "reuse"  # a preallocated zero cluster, written in place
+                else:
+                    kind, host = "new", 0
+                if kind != "inplace":
+                    allocating = True
+                if runs:
+                    last = runs[-1]
+                    if last[0] == kind and (kind == "new" or last[3] + last[2] * cs == host):
+                        last[2] += 1
+                        continue
+                runs.append([kind, i, 1, host])
+            if not allocating and len(runs) == 1:
+                # Nothing to allocate: the in-place count keeps barriers off it, as in the
+                # fast path of pwritev.
+                host = runs[0][3]
+                if not self.external_data:
+                    await self._overlap_check(host, nb * cs)
+                lock.inplace += 1
+                lock.release()
+                held = False
+                try:
+                    await self._data.pwritev(host + (offset & (cs - 1)), data)
+                finally:
+                    lock.end_inplace()
+                return
+            if allocating:
+                await self._get_l2_for_write(l1_index)
+            inflight = lock.register(first_cluster, first_cluster + nb)
+            cluster_base = first_cluster << self.cluster_bits
+            end = offset + len(data)
+            for kind, first, count, host in runs:
+                run_start = cluster_base + first * cs
+                run_end = run_start + count * cs
+                lo = max(run_start, offset)
+                hi = min(run_end, end)
+                piece = data[lo - offset : hi - offset]
+                if not held:
+                    await lock.relock()
+                    held = True
+                if kind == "new":
+                    host = await self._alloc_data(run_start, count * cs)
+                if not self.external_data and self.overlapping_metadata(host, count * cs):
+                    try:
+                        await self._overlap_check(host, count * cs)
+                    except IOFailure:
+                        if kind == "new":
+                            await self.refcounts.free_clusters(host, count * cs)
+                        raise
+                lock.release()
+                held = False
+                try:
+                    cow = await self._write_run_data(kind, host, run_start, run_end, lo, hi,
+                                                     piece, entries, first, count)
+                except BaseException:
+                    if kind == "new" and not self.external_data:
+                        # Never mapped: give the clusters back (a leak at worst on a crash).
+                        await lock.relock()
+                        held = True
+                        await self.refcounts.free_clusters(host, count * cs)
+                    raise
+                if kind == "inplace":
+                    continue
+                await lock.relock()
+                held = True
+                await self._link_run(l1_index, l2_index + first, count, host, cow,
+                                     kind == "new")
+        finally:
+            if inflight is not None:
+                lock.finish(inflight)
+            if held:
+                lock.release()
+
+    async def _write_run_data(self, kind: str, host: int, run_start: int, run_end: int,
+                              lo: int, hi: int, piece: memoryview, entries: tuple[int, ...],
+                              first: int, count: int) -> bool:
+        """Write one run's data (and COW unless in place); return whether COW happened."""
+        cs = self.cluster_size
+        data_child = self._data
+        if kind == "inplace":
+            await data_child.pwritev(host + (lo - run_start), piece)
+            return False
+        cow = lo > run_start or hi < run_end
+        if cow and count * cs <= _MERGE_COW_MAX:
+            # QEMU's merge_cow: the COW head, the new data and the COW tail of a small run go
+            # out in one write (one syscall instead of three). Ordering is the same: all of it
+            # lands before the L2 entry. The buffer starts zeroed, so COW regions that read as
+            # zeros (no backing file, zero clusters) need no read.
+            merged = memoryview(bytearray(run_end - run_start))
+            if lo > run_start and not self._reads_as_zero(entries[first]):
+                await self._read_old_into(merged[: lo - run_start], entries[first], run_start)
+            merged[lo - run_start : hi - run_start] = piece
+            if hi < run_end and not self._reads_as_zero(entries[first + count - 1]):
+                await self._read_old_into(merged[hi - run_start :], entries[first + count - 1],
+                                          hi)
+            await data_child.pwritev(host, merged)
+        else:
+            if lo > run_start:
+                head = await self._read_old(run_start, entries[first], run_start, lo)
+                await data_child.pwritev(host, memoryview(head))
+            await data_child.pwritev(host + (lo - run_start), piece)
+            if hi < run_end:
+                tail = await self._read_old(run_end - cs, entries[first + count - 1], hi, run_end)
+                await data_child.pwritev(host + (hi - run_start), memoryview(tail))
+        return cow
+
+    async def _link_run(self, l1_index: int, l2_index: int, count: int, host: int, cow: bool,
+                        new: bool) -> None:
+        """Map ``count`` clusters at ``l2_index`` to the written ``host`` clusters (QEMU's
+        ``qcow2_alloc_cluster_link_l2``), then drop the references the old entries held."""
+        cs = self.cluster_size
+        if cow or self.external_data:
+            self.l2_cache.set_depends_on_flush()
+        if (self.lazy_refcounts or self.l2_cache.depends is not self.refcount_cache
+                or self.refcount_cache.depends):
             await self._l2_depends_on_refcounts()
-            table = await self.l2_cache.get(l2_offset)
-            idx = l2_index + first
-            struct.pack_into(
-                f">{count}Q", table, idx * L2E_SIZE_NORMAL,
-                *[(host + k * cs) | QCOW_OFLAG_COPIED for k in range(count)],
-            )
-            self.l2_cache.mark_dirty(l2_offset)
-            if kind == "new" and not self.external_data:
-                # (In a data file the new cluster is the old one's place, guest offset ==
-                # host offset: "freeing" it would discard the data just written.)
-                for old in entries[first : first + count]:
-                    await self._free_any_cluster(old)
+        # The L2 table is looked up again: it may have been evicted while the data was written.
+        l1_entry = self.l1_table[l1_index]
+        l2_offset = l1_entry & L1E_OFFSET_MASK
+        if not (l2_offset and l1_entry & QCOW_OFLAG_COPIED):
+            l2_offset = await self._get_l2_for_write(l1_index)
+        table = self.l2_cache.lookup(l2_offset) or await self.l2_cache.get(l2_offset)
+        pos = l2_index * L2E_SIZE_NORMAL
+        # The entries as they are now: the references to drop are the ones held at linking.
+        old = struct.unpack_from(f">{count}Q", table, pos)
+        struct.pack_into(f">{count}Q", table, pos,
+                         *[(host + k * cs) | QCOW_OFLAG_COPIED for k in range(count)])
+        self.l2_cache.mark_dirty(l2_offset)
+        if new and not self.external_data:
+            # (In a data file the new cluster is the old one's place, guest offset == host
+            # offset: "freeing" it would discard the data just written.)
+            for entry in old:
+                if entry:
+                    await self._free_any_cluster(entry)
 
     async def _is_zero(self, offset: int, length: int) -> bool:
         """Whether ``[offset, offset+length)`` already reads as zeros, from metadata alone."""
@@ -1315,8 +1519,13 @@ class Qcow2Driver(BlockDriver):
     async def flush_to_os(self) -> None:
         if self.file is None or self.read_only:
             return
-        async with self._lock:
+        # Writes in flight are not waited for: flush covers completed writes, and an allocation
+        # in flight has only its refcount in the caches (a leak at worst after a crash).
+        await self._lock.relock()
+        try:
             await self._write_caches()
+        finally:
+            self._lock.release()
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         entry = self._cached_l2_entry(offset, length)
@@ -1338,8 +1547,11 @@ class Qcow2Driver(BlockDriver):
             return BlockStatus(_STATUS_UNALLOCATED, length)
         l1_index, l2_index, nb = self._split(offset, length)
         chunk = min(length, ((offset >> self.cluster_bits) + nb) * self.cluster_size - offset)
-        async with self._lock:
+        await self._lock.relock()
+        try:
             entries = await self._l2_entries(l1_index, l2_index, nb)
+        finally:
+            self._lock.release()
         # Only the first run is answered: classify a growing prefix of the table until that run
         # ends inside it, rather than the whole table on every call.
         probe = min(nb, 64)

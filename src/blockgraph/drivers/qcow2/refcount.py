@@ -132,14 +132,28 @@ class Refcounts:
     async def _alloc_clusters_noref(self, nb_clusters: int) -> int:
         """Find ``nb_clusters`` contiguous free clusters from ``free_cluster_index`` on."""
         index = self.free_cluster_index
+        block_mask = self.refcount_block_size - 1
+        order = self.refcount_order
+        cache = self.cache
         while True:
             start = index
             count = 0
+            # First fit, cluster by cluster, but each refcount block looked up once per
+            # stretch of clusters it covers rather than once per cluster.
             while count < nb_clusters:
-                if await self.get_refcount(index) != 0:
-                    break
-                index += 1
-                count += 1
+                block_offset = self._block_offset(index >> self.refcount_block_bits)
+                stretch = min(nb_clusters - count, block_mask + 1 - (index & block_mask))
+                if not block_offset:
+                    index += stretch  # no block: all free
+                    count += stretch
+                    continue
+                block = cache.lookup(block_offset) or await cache.get(block_offset)
+                stop = index + stretch
+                while index < stop and not get_refcount_entry(block, index & block_mask, order):
+                    index += 1
+                count += stretch - (stop - index)
+                if index < stop:
+                    break  # a used cluster at ``index``
             if count == nb_clusters:
                 self.free_cluster_index = start + nb_clusters
                 return start << self.cluster_bits
