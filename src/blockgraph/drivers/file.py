@@ -403,6 +403,8 @@ class FileDriver(BlockDriver):
                 raise
 
     async def flush_to_disk(self) -> None:
+        # Inline: in a worker thread the hand-off cost ~50 us of CPU per flush, and a
+        # writethrough client at queue depth 1 (a flush after every write) got no faster.
         _datasync(self.fd)
 
     async def truncate(self, length: int, prealloc: PreallocMode = "off") -> None:
