@@ -53,6 +53,8 @@ _JOIN_LIMIT = 64 * 1024
 # 64 KiB default paused and resumed reading (two epoll_ctl) for each 256 KiB write request;
 # the kernel's socket buffer still holds back a client that sends faster than we serve.
 _STREAM_LIMIT = 512 * 1024
+# Big reads (see _JOIN_LIMIT) of one connection that hold a buffer at once.
+_BIG_READS = 8
 # The send buffer asked for on unix sockets (the kernel doubles it, caps it at wmem_max).
 _SEND_BUFFER = 1024 * 1024
 # Whether a buffer passed to the transport's write() is free again once write() returned:
@@ -91,7 +93,7 @@ class _ReadBuffers:
             # Clients read with one size (nbdcopy 256 KiB, fio its bs): keep that one only.
             self.size = size
             self.free.clear()
-        if len(self.free) < MAX_REQUESTS:
+        if len(self.free) < _BIG_READS:
             self.free.append(buf)
 
 
@@ -288,6 +290,7 @@ class _Client:
         self._slot_waiter: asyncio.Future[None] | None = None
         self._big_reply_lock = asyncio.Lock()
         self._read_buffers = _ReadBuffers()
+        self._big_reads = asyncio.Semaphore(_BIG_READS)
         # Requests waiting for a stopped VM to run again (drive exports only), and whether the
         # connection is ending: then such requests are dropped instead of held.
         self.held: set[asyncio.Task[None]] = set()
@@ -485,11 +488,23 @@ class _Client:
             self.conn.reply_ok(request.cookie)
 
     async def _read(self, export: NBDExport, request: P.Request) -> None:
-        bb = export.backend
         if request.flags & P.CMD_FLAG_FUA:
-            await bb.flush()
-        big = request.length >= _JOIN_LIMIT
-        data = self._read_buffers.take(request.length) if big else bytearray(request.length)
+            await export.backend.flush()
+        if request.length < _JOIN_LIMIT:
+            await self._read_into(export, request, bytearray(request.length), False)
+            return
+        # Big reads hold their buffers until the socket took them: a few at a time keep the
+        # disk busy (reads the page cache cannot serve run in worker threads), more only pile
+        # up buffers behind the socket (peak memory).
+        async with self._big_reads:
+            data = self._read_buffers.take(request.length)
+            await self._read_into(export, request, data, True)
+            if type(self.writer.transport) is _COPYING_TRANSPORT:
+                self._read_buffers.give(data)
+
+    async def _read_into(self, export: NBDExport, request: P.Request, data: bytearray,
+                         big: bool) -> None:
+        bb = export.backend
         buf = memoryview(data)
         pieces: list[tuple[int, memoryview | int]] = []
         if self.conn.structured and not request.flags & P.CMD_FLAG_DF and request.length:
@@ -531,8 +546,6 @@ class _Client:
             await self.drain()
             self.conn.reply_read(request.cookie, request.offset, pieces)
             self.flush()
-        if type(self.writer.transport) is _COPYING_TRANSPORT:
-            self._read_buffers.give(data)
 
     async def _write(self, export: NBDExport, request: P.Request) -> None:
         assert request.data is not None
