@@ -27,6 +27,8 @@ import logging
 import os
 import socket
 import ssl
+import sys
+from asyncio import selector_events
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +49,52 @@ _READ_SIZE = 256 * 1024
 _ZERO = int(BlockStatusFlags.ZERO)
 # Reply buffers below this size are joined before they are written (see _Client.flush).
 _JOIN_LIMIT = 64 * 1024
+# The StreamReader stops reading the socket when it buffers more than twice this. asyncio's
+# 64 KiB default paused and resumed reading (two epoll_ctl) for each 256 KiB write request;
+# the kernel's socket buffer still holds back a client that sends faster than we serve.
+_STREAM_LIMIT = 512 * 1024
+# Big reads (see _JOIN_LIMIT) of one connection that hold a buffer at once.
+_BIG_READS = 8
+# The send buffer asked for on unix sockets (the kernel doubles it, caps it at wmem_max).
+_SEND_BUFFER = 1024 * 1024
+# Whether a buffer passed to the transport's write() is free again once write() returned:
+# asyncio's plain socket transport sends what it can at once and copies the rest into its own
+# buffer (CPython 3.11, selector_events._SelectorSocketTransport.write); 3.12 keeps a
+# reference instead, and the TLS transport queues it.
+_COPYING_TRANSPORT: type | None = (getattr(selector_events, "_SelectorSocketTransport", None)
+                                   if sys.version_info < (3, 12) else None)
+
+
+class _ReadBuffers:
+    """Reply buffers of big reads of one connection, kept for the next read of the same size.
+
+    A fresh 256 KiB bytearray is zeroed, and its pages are faulted in by the first read into
+    it: the most expensive part of a big read after the copy itself. A buffer is given back
+    once the transport took its bytes (see ``_COPYING_TRANSPORT``). What a read into a reused
+    buffer does not fill is not sent (hole chunks); only a driver that leaves a read's buffer
+    as it was (``null-co`` without ``read-zeroes``, QEMU's "uninitialised data") sends what the
+    buffer held: zeroes, or data this connection read earlier, as QEMU's unzeroed buffers do.
+    """
+
+    __slots__ = ("size", "free")
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.free: list[bytearray] = []
+
+    def take(self, size: int) -> bytearray:
+        if size == self.size and self.free:
+            return self.free.pop()
+        return bytearray(size)
+
+    def give(self, buf: bytearray) -> None:
+        size = len(buf)
+        if size != self.size:
+            # Clients read with one size (nbdcopy 256 KiB, fio its bs): keep that one only.
+            self.size = size
+            self.free.clear()
+        if len(self.free) < _BIG_READS:
+            self.free.append(buf)
 
 
 @dataclass
@@ -147,19 +195,20 @@ class NBDServer:
     # -- listening ---------------------------------------------------------------------------
 
     async def listen_unix(self, path: str) -> None:
-        server = await asyncio.start_unix_server(self._accept, path=path)
+        server = await asyncio.start_unix_server(self._accept, path=path, limit=_STREAM_LIMIT)
         self._servers.append(server)
 
     async def listen_tcp(self, host: str | None, port: int) -> None:
-        server = await asyncio.start_server(self._accept, host=host, port=port, reuse_address=True)
+        server = await asyncio.start_server(self._accept, host=host, port=port, reuse_address=True,
+                                            limit=_STREAM_LIMIT)
         self._servers.append(server)
 
     async def listen_socket(self, sock: socket.socket) -> None:
         """Serve on an already bound and listening socket."""
         if sock.family == socket.AF_UNIX:
-            server = await asyncio.start_unix_server(self._accept, sock=sock)
+            server = await asyncio.start_unix_server(self._accept, sock=sock, limit=_STREAM_LIMIT)
         else:
-            server = await asyncio.start_server(self._accept, sock=sock)
+            server = await asyncio.start_server(self._accept, sock=sock, limit=_STREAM_LIMIT)
         self._servers.append(server)
 
     async def close(self) -> None:
@@ -200,6 +249,13 @@ class NBDServer:
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        elif sock is not None and sock.family == socket.AF_UNIX:
+            # A unix socket's send buffer (~200 KiB) is smaller than a 256 KiB read reply:
+            # each big reply was sent in two parts, the rest copied into the transport's buffer
+            # meanwhile. TCP sizes its buffers itself.
+            with contextlib.suppress(OSError):
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < _SEND_BUFFER:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
         client = _Client(self, reader, writer, log.getChild(f"client{number}"))
         client.task = asyncio.current_task()
         self._active.add(client)
@@ -233,6 +289,8 @@ class _Client:
         self._flush_scheduled = False
         self._slot_waiter: asyncio.Future[None] | None = None
         self._big_reply_lock = asyncio.Lock()
+        self._read_buffers = _ReadBuffers()
+        self._big_reads = asyncio.Semaphore(_BIG_READS)
         # Requests waiting for a stopped VM to run again (drive exports only), and whether the
         # connection is ending: then such requests are dropped instead of held.
         self.held: set[asyncio.Task[None]] = set()
@@ -430,10 +488,24 @@ class _Client:
             self.conn.reply_ok(request.cookie)
 
     async def _read(self, export: NBDExport, request: P.Request) -> None:
-        bb = export.backend
         if request.flags & P.CMD_FLAG_FUA:
-            await bb.flush()
-        buf = memoryview(bytearray(request.length))
+            await export.backend.flush()
+        if request.length < _JOIN_LIMIT:
+            await self._read_into(export, request, bytearray(request.length), False)
+            return
+        # Big reads hold their buffers until the socket took them: a few at a time keep the
+        # disk busy (reads the page cache cannot serve run in worker threads), more only pile
+        # up buffers behind the socket (peak memory).
+        async with self._big_reads:
+            data = self._read_buffers.take(request.length)
+            await self._read_into(export, request, data, True)
+            if type(self.writer.transport) is _COPYING_TRANSPORT:
+                self._read_buffers.give(data)
+
+    async def _read_into(self, export: NBDExport, request: P.Request, data: bytearray,
+                         big: bool) -> None:
+        bb = export.backend
+        buf = memoryview(data)
         pieces: list[tuple[int, memoryview | int]] = []
         if self.conn.structured and not request.flags & P.CMD_FLAG_DF and request.length:
             # Ranges that read as zeroes go out as hole chunks, without reading them.
@@ -463,7 +535,7 @@ class _Client:
             await bb.preadv(request.offset, buf)
             if request.length:
                 pieces.append((request.offset, buf))
-        if request.length < _JOIN_LIMIT:
+        if not big:
             self.conn.reply_read(request.cookie, request.offset, pieces)
             return
         # A big reply is queued and written only once the transport has room, one at a time:
