@@ -27,7 +27,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -230,7 +230,12 @@ class _Client:
         self.tasks: set[asyncio.Task[None]] = set()
         self.broken = False
         self.task: asyncio.Task[Any] | None = None
+        self._loop = asyncio.get_running_loop()
         self._flush_scheduled = False
+        # True while run() starts a request in its own frame (see _start): replies then wait
+        # for run()'s next flush instead of scheduling one; _eager_replies bounds how many.
+        self._eager = False
+        self._eager_replies = 0
         self._slot_waiter: asyncio.Future[None] | None = None
         self._big_reply_lock = asyncio.Lock()
         # Requests waiting for a stopped VM to run again (drive exports only), and whether the
@@ -240,6 +245,7 @@ class _Client:
 
     def flush(self) -> None:
         self._flush_scheduled = False
+        self._eager_replies = 0
         if self.broken or self.writer.is_closing():
             self.conn.data_to_send()
             return
@@ -267,9 +273,11 @@ class _Client:
 
     def _schedule_flush(self) -> None:
         # Replies of requests that complete in the same loop iteration leave in one write.
+        if self._eager:
+            return  # run() flushes before it waits for anything (see _start)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            self._loop.call_soon(self.flush)
 
     async def drain(self) -> None:
         try:
@@ -280,36 +288,36 @@ class _Client:
     async def run(self) -> None:
         self.flush()
         await self.drain()
+        conn = self.conn
         while True:
             if len(self.tasks) >= MAX_REQUESTS:
                 # Checked before parsing, not only before reading: requests already buffered
                 # (nbdcopy sends 64 at once) would otherwise all start, each with its buffer.
                 # One future that the next finishing request completes: cheaper than
                 # asyncio.wait(), which adds and removes a callback on every task each time.
-                self._slot_waiter = asyncio.get_running_loop().create_future()
+                self.flush()
+                self._slot_waiter = self._loop.create_future()
                 try:
                     await self._slot_waiter
                 finally:
                     self._slot_waiter = None
                 continue
-            event = self.conn.next_event()
-            if isinstance(event, P.NeedData):
+            event = conn.next_event()
+            if type(event) is P.Request:
+                self._start(event)
+            elif isinstance(event, P.NeedData):
                 self.flush()
                 await self.drain()
                 try:
                     data = await self.reader.read(_READ_SIZE)
                 except (ConnectionError, OSError):
                     data = b""
-                self.conn.receive_data(data)
+                conn.receive_data(data)
                 continue
-            if isinstance(event, P.TransmissionStarted):
+            elif isinstance(event, P.TransmissionStarted):
                 self.export = self.server.exports[event.export.name]
                 self.log.debug("transmission on export %r (structured=%s, contexts=%s)",
                                event.export.name, event.structured, event.contexts)
-            elif isinstance(event, P.Request):
-                task = asyncio.get_running_loop().create_task(self._request(event))
-                self.tasks.add(task)
-                task.add_done_callback(self._request_done)
             elif isinstance(event, P.StartTLS):
                 self.flush()
                 await self.drain()
@@ -322,10 +330,57 @@ class _Client:
             # No flush here: replies queued while parsing (errors for invalid requests) go
             # out with the next flush, at the latest before the next read (NeedData above).
             # But no new request starts while the socket is backed up: that would only pile
-            # more replies into the transport's buffer (copies, memory). drain() returns at
-            # once when the transport is not paused.
-            await self.drain()
+            # more replies into the transport's buffer (copies, memory). With nothing
+            # buffered the transport cannot be paused: no drain() (three coroutines) then.
+            if self.writer.transport.get_write_buffer_size():
+                await self.drain()
         self.flush()
+
+    def _start(self, request: P.Request) -> None:
+        """Run ``request`` in this frame as far as it goes without waiting (eager start).
+
+        Most requests (a 4 KiB read or write on raw or a cached qcow2 cluster) never suspend:
+        a Task for each cost a Task object, a done callback and two more loop iterations
+        (the task's first step, then the scheduled reply flush). Only a request that does
+        suspend continues in a Task (:meth:`_resume`), from where it stopped. Its replies
+        wait for run()'s next flush, which comes before run() waits for anything.
+
+        Requests of an export that is a drive's device always get their own Task from the
+        start: they may be held while the VM is stopped, which needs their task's identity
+        (close() cancels held tasks).
+        """
+        export = self.export
+        assert export is not None
+        if export.device is not None:
+            task = self._loop.create_task(self._request(request))
+            self.tasks.add(task)
+            task.add_done_callback(self._request_done)
+            return
+        coro = COMMAND_HANDLERS[request.command](self, export, request)
+        self._eager = True
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            pass
+        except IOFailure as exc:
+            self.conn.reply_error(request.cookie, P.errno_to_nbd(exc.errno), _FAILURE_TEXT[request.command])
+        except Exception:
+            self.log.exception("request %d failed", request.command)
+            self.conn.reply_error(request.cookie, P.EIO, _FAILURE_TEXT[request.command])
+        except asyncio.CancelledError:
+            pass  # as a cancelled request task: dropped, unanswered
+        else:
+            task = self._loop.create_task(self._resume(coro, yielded, request))
+            self.tasks.add(task)
+            task.add_done_callback(self._request_done)
+            return
+        finally:
+            self._eager = False
+        # Completed. Bound what waits for run()'s flush (reads of 4 KiB each, when many
+        # requests arrived at once).
+        self._eager_replies += 1
+        if self._eager_replies >= MAX_REQUESTS:
+            self.flush()
 
     async def _start_tls(self) -> bool:
         """Upgrade the connection; False (logged) when the handshake fails."""
@@ -410,6 +465,21 @@ class _Client:
                 self.log.exception("request %d failed", request.command)
                 self.conn.reply_error(request.cookie, P.EIO, _FAILURE_TEXT[request.command])
             break
+        await self._completed(request)
+
+    async def _resume(self, coro: Coroutine[Any, Any, None], yielded: Any, request: P.Request) -> None:
+        """The rest of a request that suspended in :meth:`_start` (an export of a node:
+        no error policy applies)."""
+        try:
+            await _drive(coro, yielded)
+        except IOFailure as exc:
+            self.conn.reply_error(request.cookie, P.errno_to_nbd(exc.errno), _FAILURE_TEXT[request.command])
+        except Exception:
+            self.log.exception("request %d failed", request.command)
+            self.conn.reply_error(request.cookie, P.EIO, _FAILURE_TEXT[request.command])
+        await self._completed(request)
+
+    async def _completed(self, request: P.Request) -> None:
         # Small replies of the requests that complete in this loop iteration leave in one
         # write (an error reply of a big read too). Back-pressure is the read loop's: it drains
         # before reading more requests.
@@ -519,6 +589,34 @@ class _Client:
                 return
             answers.append((context_id, found))
         self.conn.reply_block_status(request.cookie, answers)
+
+
+async def _drive(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+    """Go on running ``coro``, which yielded ``yielded`` when its first step ran outside any
+    task (:meth:`_Client._start`), as the task running this would have run it.
+
+    A coroutine suspends by yielding the future it waits for (``Future.__await__``), or None
+    for a bare yield (``asyncio.sleep(0)``). It must be resumed only once that future is done,
+    and be thrown what the future failed with: awaiting the same future here does exactly
+    that, through this task. Cancelling this task cancels the future, and the
+    ``CancelledError`` goes on into ``coro``, as it would with ``coro``'s own task.
+    """
+    while True:
+        try:
+            if yielded is None:
+                await asyncio.sleep(0)
+            else:
+                await yielded
+        except BaseException as exc:  # handed to coro, as its task would
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            return
 
 
 COMMAND_HANDLERS = {
