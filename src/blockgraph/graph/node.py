@@ -13,7 +13,7 @@ import errno
 import json
 import logging
 import os
-from collections.abc import Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,7 @@ from blockgraph.drivers.base import (
     RequestFlags,
 )
 from blockgraph.errors import IOFailure
-from blockgraph.io.request import IONode
+from blockgraph.io.request import IONode, with_fua
 from blockgraph.objects.throttle import ThrottleGroup, ThrottleLimits
 
 if TYPE_CHECKING:
@@ -99,11 +99,12 @@ class Child:
     def block_status(self, offset: int, length: int) -> Coroutine[Any, Any, BlockStatus]:
         return self.node.block_status(offset, length)
 
-    async def debug_event(self, name: str) -> None:
-        """Pass a blkdebug event (``BLKDBG_EVENT``) to the child's driver if it listens."""
-        handler = getattr(self.node.driver, "debug_event", None)
-        if handler is not None:
-            await handler(name)
+    @property
+    def debug_event(self) -> Callable[[str], Awaitable[None]] | None:
+        """The child's driver's handler of blkdebug events (``BLKDBG_EVENT``), None when it has
+        none: a parent (raw, on every request) then has nothing to await."""
+        handler: Callable[[str], Awaitable[None]] | None = getattr(self.node.driver, "debug_event", None)
+        return handler
 
 
 class Node(IONode):
@@ -375,7 +376,7 @@ class BlockBackend:
         """Write; a writethrough BlockBackend adds FUA so the data is stable on return."""
         root = self._check(offset, len(buf))
         if not self.write_cache:
-            flags |= RequestFlags.FUA
+            flags = with_fua(flags)
         if self.io_limits is not None:
             await self.io_limits.intercept(True, len(buf))
         try:
@@ -388,7 +389,7 @@ class BlockBackend:
 
     async def pwrite_zeroes(self, offset: int, length: int, flags: RequestFlags = RequestFlags.NONE) -> None:
         if not self.write_cache:
-            flags |= RequestFlags.FUA
+            flags = with_fua(flags)
         root = self._check(offset, length)
         if self.io_limits is not None:
             await self.io_limits.intercept(True, length)

@@ -38,6 +38,18 @@ _ZERO_CHUNK = 1 << 20
 # The most one copy-on-read step holds in memory.
 _PREFETCH_CHUNK = 1024 * 1024
 
+# Every RequestFlags value, indexed by its int. IntFlag's & and | run in Python (each builds
+# its result through the enum's constructor), several times per request on the write path:
+# the hot path computes on ints and maps the result back through this table.
+_REQUEST_FLAGS: tuple[RequestFlags, ...] = tuple(
+    RequestFlags(value) for value in range(sum(int(flag) for flag in RequestFlags) + 1))
+_FUA = int(RequestFlags.FUA)
+
+
+def with_fua(flags: RequestFlags) -> RequestFlags:
+    """``flags | RequestFlags.FUA``, without IntFlag's arithmetic."""
+    return _REQUEST_FLAGS[int(flags) | _FUA]
+
 
 @dataclass
 class NodeStats:
@@ -213,8 +225,8 @@ class IONode:
         tail = -end % align
         if self.write_threshold and end + tail > self.write_threshold:
             self.write_threshold_exceeded(end + tail)
-        # Flag arithmetic on IntFlag runs in Python: skipped when there are no flags at all.
-        native = flags & self.driver.supported_write_flags if flags else flags
+        bits = int(flags)  # see _REQUEST_FLAGS
+        native = _REQUEST_FLAGS[bits & int(self.driver.supported_write_flags)] if bits else flags
         if self._debug_event is not None:
             await self._debug_event("pwritev")
         if length:
@@ -233,8 +245,8 @@ class IONode:
                 self._mark_dirty(offset, length)
         if self._debug_event is not None:
             await self._debug_event("pwritev_done")
-        if flags:
-            await self._emulate_fua(flags)
+        if bits & _FUA and not int(self.driver.supported_write_flags) & _FUA:
+            await self.flush()  # FUA emulated (see _emulate_fua)
 
     async def _pwritev_unaligned(
         self, offset: int, buf: memoryview, head: int, tail: int, flags: RequestFlags
@@ -269,7 +281,7 @@ class IONode:
 
     async def _emulate_fua(self, flags: RequestFlags) -> None:
         # A driver without native FUA gets the same guarantee from a flush after the write.
-        if flags & RequestFlags.FUA and not self.driver.supported_write_flags & RequestFlags.FUA:
+        if int(flags) & _FUA and not int(self.driver.supported_write_flags) & _FUA:
             await self.flush()
 
     async def prefetch(self, offset: int, length: int) -> None:
