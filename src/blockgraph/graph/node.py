@@ -210,6 +210,7 @@ class Node(IONode):
         :raise IOFailure: ``EPERM`` on a read-only node, ``ENOTSUP`` if the format cannot.
         """
         self._check_writable()
+        self._data_extent = None  # the block-status cache (IONode.block_status)
         await self.driver.make_empty()
 
     async def change_backing_file(self, backing_file: str | None, backing_format: str | None) -> None:

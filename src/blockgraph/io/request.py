@@ -45,6 +45,15 @@ _REQUEST_FLAGS: tuple[RequestFlags, ...] = tuple(
     RequestFlags(value) for value in range(sum(int(flag) for flag in RequestFlags) + 1))
 _FUA = int(RequestFlags.FUA)
 
+# The block-status cache (QEMU's, since 7.0): a childless node remembers the last data extent
+# its driver reported, since asking again costs syscalls (two lseeks for a file) on every NBD
+# read. Only drivers in this set use it: they answer for any length at the same cost, so they
+# are asked about the rest of the node and report the whole extent (QEMU's file-posix does so
+# by itself).
+_EXTENT_DRIVERS = frozenset({"file"})
+_DATA_AT = BlockStatusFlags.DATA | BlockStatusFlags.OFFSET_VALID
+_DATA_AT_VALUE = int(_DATA_AT)
+
 
 def with_fua(flags: RequestFlags) -> RequestFlags:
     """``flags | RequestFlags.FUA``, without IntFlag's arithmetic."""
@@ -112,6 +121,11 @@ class IONode:
         self.dirty_bitmaps: list[DirtyBitmap] = shared if isinstance(shared, list) else []
         # block-set-write-threshold: 0 = off; one-shot, checked before a write or discard.
         self.write_threshold = 0
+        # The block-status cache (see _EXTENT_DRIVERS): [start, end) known to be data, at the
+        # same offsets in the file. Whatever may turn data into zeroes through this node (zero
+        # writes, discards, truncation) drops it. Writers outside the graph may still zero
+        # parts of it unseen: reporting zeroes as data is harmless, as QEMU notes of its own.
+        self._data_extent: tuple[int, int] | None = None
 
     # -- graph hooks -----------------------------------------------------------------------
 
@@ -316,6 +330,7 @@ class IONode:
                     # Straight to the driver: this request already holds the range.
                     await self.driver.preadv(pos, view, RequestFlags.NONE)
                     if data.count(0) == step:
+                        self._data_extent = None
                         await self.driver.pwrite_zeroes(pos, step, RequestFlags.NONE)
                     else:
                         await self.driver.pwritev(pos, view, RequestFlags.NONE)
@@ -332,6 +347,7 @@ class IONode:
         self.stats.zero_operations += 1
         if not length:
             return
+        self._data_extent = None
         if not self.flags.discard_unmap:
             flags &= ~RequestFlags.MAY_UNMAP
         if self.write_threshold and offset + length > self.write_threshold:
@@ -375,12 +391,14 @@ class IONode:
         start = -(-offset // align) * align
         end = (offset + length) // align * align
         if end > start:
+            self._data_extent = None
             await self.driver.pdiscard(start, end - start)
             self._mark_dirty(start, end - start)
 
     async def truncate(self, length: int, prealloc: PreallocMode = "off") -> None:
         """Resize the node (QEMU's ``bdrv_co_truncate``); ``prealloc`` applies to growing."""
         self._check_writable()
+        self._data_extent = None
         await self.driver.truncate(length, prealloc)
         for bitmap in self.dirty_bitmaps:
             bitmap.resize(self.getlength())
@@ -461,4 +479,15 @@ class IONode:
         size = self.getlength()
         if offset >= size:
             return BlockStatus(BlockStatusFlags.EOF, 0)
-        return await self.driver.block_status(offset, min(length, size - offset))
+        length = min(length, size - offset)
+        extent = self._data_extent
+        if extent is not None and extent[0] <= offset < extent[1]:
+            return BlockStatus(_DATA_AT, min(length, extent[1] - offset), offset)
+        if self.driver.format_name not in _EXTENT_DRIVERS or any(True for _ in self.io_children()):
+            return await self.driver.block_status(offset, length)
+        status = await self.driver.block_status(offset, size - offset)
+        if int(status.flags) == _DATA_AT_VALUE and status.offset == offset and status.file is None:
+            self._data_extent = (offset, offset + status.length)
+        if status.length > length:
+            status = BlockStatus(status.flags, length, status.offset, status.file, status.recurse)
+        return status

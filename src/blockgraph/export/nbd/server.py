@@ -27,7 +27,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -342,8 +342,9 @@ class _Client:
         Most requests (a 4 KiB read or write on raw or a cached qcow2 cluster) never suspend:
         a Task for each cost a Task object, a done callback and two more loop iterations
         (the task's first step, then the scheduled reply flush). Only a request that does
-        suspend continues in a Task (:meth:`_resume`), from where it stopped. Its replies
-        wait for run()'s next flush, which comes before run() waits for anything.
+        suspend goes on in a Task (see :class:`_Resumed`), from where it stopped. Replies of
+        requests that completed here wait for run()'s next flush, which comes before run()
+        waits for anything.
 
         Requests of an export that is a drive's device always get their own Task from the
         start: they may be held while the VM is stopped, which needs their task's identity
@@ -353,34 +354,23 @@ class _Client:
         assert export is not None
         if export.device is not None:
             task = self._loop.create_task(self._request(request))
-            self.tasks.add(task)
-            task.add_done_callback(self._request_done)
-            return
-        coro = COMMAND_HANDLERS[request.command](self, export, request)
-        self._eager = True
-        try:
-            yielded = coro.send(None)
-        except StopIteration:
-            pass
-        except IOFailure as exc:
-            self.conn.reply_error(request.cookie, P.errno_to_nbd(exc.errno), _FAILURE_TEXT[request.command])
-        except Exception:
-            self.log.exception("request %d failed", request.command)
-            self.conn.reply_error(request.cookie, P.EIO, _FAILURE_TEXT[request.command])
-        except asyncio.CancelledError:
-            pass  # as a cancelled request task: dropped, unanswered
         else:
-            task = self._loop.create_task(self._resume(coro, yielded, request))
-            self.tasks.add(task)
-            task.add_done_callback(self._request_done)
-            return
-        finally:
-            self._eager = False
-        # Completed. Bound what waits for run()'s flush (reads of 4 KiB each, when many
-        # requests arrived at once).
-        self._eager_replies += 1
-        if self._eager_replies >= MAX_REQUESTS:
-            self.flush()
+            coro = self._node_request(export, request)
+            self._eager = True
+            try:
+                yielded = coro.send(None)
+            except StopIteration:
+                # Completed. Bound what waits for run()'s flush (reads of 4 KiB each, when
+                # many requests arrived at once).
+                self._eager_replies += 1
+                if self._eager_replies >= MAX_REQUESTS:
+                    self.flush()
+                return
+            finally:
+                self._eager = False
+            task = self._loop.create_task(_Resumed(coro, yielded))
+        self.tasks.add(task)
+        task.add_done_callback(self._request_done)
 
     async def _start_tls(self) -> bool:
         """Upgrade the connection; False (logged) when the handshake fails."""
@@ -467,11 +457,11 @@ class _Client:
             break
         await self._completed(request)
 
-    async def _resume(self, coro: Coroutine[Any, Any, None], yielded: Any, request: P.Request) -> None:
-        """The rest of a request that suspended in :meth:`_start` (an export of a node:
-        no error policy applies)."""
+    async def _node_request(self, export: NBDExport, request: P.Request) -> None:
+        """A request on an export of a node: no error policy applies, failures go to the
+        client. Started by :meth:`_start`."""
         try:
-            await _drive(coro, yielded)
+            await COMMAND_HANDLERS[request.command](self, export, request)
         except IOFailure as exc:
             self.conn.reply_error(request.cookie, P.errno_to_nbd(exc.errno), _FAILURE_TEXT[request.command])
         except Exception:
@@ -591,32 +581,43 @@ class _Client:
         self.conn.reply_block_status(request.cookie, answers)
 
 
-async def _drive(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
-    """Go on running ``coro``, which yielded ``yielded`` when its first step ran outside any
-    task (:meth:`_Client._start`), as the task running this would have run it.
+class _Resumed(Coroutine[Any, None, None]):
+    """A request coroutine whose first step ran outside any task (eager start), as the
+    coroutine of the task that runs the rest of it.
 
-    A coroutine suspends by yielding the future it waits for (``Future.__await__``), or None
-    for a bare yield (``asyncio.sleep(0)``). It must be resumed only once that future is done,
-    and be thrown what the future failed with: awaiting the same future here does exactly
-    that, through this task. Cancelling this task cancels the future, and the
-    ``CancelledError`` goes on into ``coro``, as it would with ``coro``'s own task.
+    A task's first step hands it what the coroutine yielded in that step: the future it waits
+    for (or None for a bare yield), which the task then waits for and resumes the coroutine
+    after, as if it had run the step itself. Everything the task sends or throws afterwards
+    goes to the coroutine, a cancellation too, even one that comes before the task's first
+    step: it reaches the coroutine where it waits, as it would in a task of its own.
     """
-    while True:
-        try:
-            if yielded is None:
-                await asyncio.sleep(0)
-            else:
-                await yielded
-        except BaseException as exc:  # handed to coro, as its task would
-            try:
-                yielded = coro.throw(exc)
-            except StopIteration:
-                return
-            continue
-        try:
-            yielded = coro.send(None)
-        except StopIteration:
-            return
+
+    __slots__ = ("_coro", "_first", "_started")
+
+    def __init__(self, coro: Coroutine[Any, None, None], yielded: Any) -> None:
+        self._coro = coro
+        self._first = yielded
+        self._started = False
+
+    def send(self, value: None) -> Any:
+        if not self._started:
+            self._started = True
+            first, self._first = self._first, None
+            return first
+        return self._coro.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        self._started = True
+        self._first = None
+        if val is None and tb is None:
+            return self._coro.throw(typ)
+        return self._coro.throw(typ, val, tb)
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        raise TypeError("a resumed request runs as a task's coroutine only")
 
 
 COMMAND_HANDLERS = {
