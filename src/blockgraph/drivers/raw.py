@@ -114,7 +114,10 @@ class RawDriver(BlockDriver):
     def getlength(self) -> int:
         if self.size is not None:
             return self.size
-        return max(0, self._child().getlength() - self.offset)
+        file = self.file  # _child(), inline: every request asks, several times
+        if file is None:
+            raise IOFailure(_errno.ENOMEDIUM)
+        return max(0, file.getlength() - self.offset)
 
     def _check_range(self, offset: int, length: int) -> None:
         # The request layer bounds requests by getlength(); this guards the window arithmetic
@@ -125,7 +128,8 @@ class RawDriver(BlockDriver):
     # The event is fired here rather than through fire_debug_event: one coroutine less per
     # request when no blkdebug node listens, which is always but in tests.
     async def preadv(self, offset: int, buf: memoryview, flags: RequestFlags) -> None:
-        self._check_range(offset, len(buf))
+        if offset < 0 or offset > _INT64_MAX - self.offset - len(buf):  # _check_range, inline
+            raise IOFailure(EINVAL)
         file = self._child()
         handler = getattr(file, "debug_event", None)
         if handler is not None:
@@ -133,7 +137,8 @@ class RawDriver(BlockDriver):
         await file.preadv(offset + self.offset, buf, flags)
 
     async def pwritev(self, offset: int, buf: memoryview, flags: RequestFlags) -> None:
-        self._check_range(offset, len(buf))
+        if offset < 0 or offset > _INT64_MAX - self.offset - len(buf):  # _check_range, inline
+            raise IOFailure(EINVAL)
         file = self._child()
         handler = getattr(file, "debug_event", None)
         if handler is not None:

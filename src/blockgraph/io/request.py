@@ -200,20 +200,32 @@ class IONode:
 
     # -- reads ------------------------------------------------------------------------------
 
-    async def preadv(self, offset: int, buf: memoryview, flags: RequestFlags = RequestFlags.NONE) -> None:
-        """Read ``len(buf)`` bytes at ``offset`` into ``buf``."""
+    async def preadv(self, offset: int, buf: memoryview, flags: RequestFlags = RequestFlags.NONE,
+                     in_range: bool = False) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` into ``buf``.
+
+        :param in_range: the caller (a BlockBackend, on its root) checked already that the
+            range lies inside this node: the same check is not made again.
+        """
+        # The checks of _check_range, inline: this runs at every node of every read.
         length = len(buf)
-        self._check_range(offset, length)
-        self.stats.rd_operations += 1
-        self.stats.rd_bytes += length
+        driver = self.driver
+        if not in_range:
+            if offset < 0 or length < 0:
+                raise IOFailure(errno.EINVAL)
+            if not driver.growable and offset + length > self.getlength():
+                raise IOFailure(errno.EIO)
+        stats = self.stats
+        stats.rd_operations += 1
+        stats.rd_bytes += length
         if length == 0:
             return
-        align = self.driver.request_alignment
+        align = driver.request_alignment
         head = offset % align
         end = offset + length
         tail = -end % align
         if head == 0 and tail == 0:
-            await self.driver.preadv(offset, buf, flags)
+            await driver.preadv(offset, buf, flags)
             return
         start = offset - head
         bounce = bytearray(head + length + tail)
@@ -226,21 +238,33 @@ class IONode:
 
     # -- writes -----------------------------------------------------------------------------
 
-    async def pwritev(self, offset: int, buf: memoryview, flags: RequestFlags = RequestFlags.NONE) -> None:
-        """Write ``buf`` at ``offset``; with FUA the data is stable when this returns."""
-        self._check_writable()
+    async def pwritev(self, offset: int, buf: memoryview, flags: RequestFlags = RequestFlags.NONE,
+                      in_range: bool = False) -> None:
+        """Write ``buf`` at ``offset``; with FUA the data is stable when this returns.
+
+        :param in_range: as for :meth:`preadv`.
+        """
+        # The checks of _check_writable and _check_range, inline (as in preadv).
+        if self.flags.read_only:
+            raise IOFailure(errno.EPERM)
         length = len(buf)
-        self._check_range(offset, length)
-        self.stats.wr_operations += 1
-        self.stats.wr_bytes += length
-        align = self.driver.request_alignment
+        driver = self.driver
+        if not in_range:
+            if offset < 0 or length < 0:
+                raise IOFailure(errno.EINVAL)
+            if not driver.growable and offset + length > self.getlength():
+                raise IOFailure(errno.EIO)
+        stats = self.stats
+        stats.wr_operations += 1
+        stats.wr_bytes += length
+        align = driver.request_alignment
         head = offset % align
         end = offset + length
         tail = -end % align
         if self.write_threshold and end + tail > self.write_threshold:
             self.write_threshold_exceeded(end + tail)
         bits = int(flags)  # see _REQUEST_FLAGS
-        native = _REQUEST_FLAGS[bits & int(self.driver.supported_write_flags)] if bits else flags
+        native = _REQUEST_FLAGS[bits & int(driver.supported_write_flags)] if bits else flags
         if self._debug_event is not None:
             await self._debug_event("pwritev")
         if length:
@@ -248,18 +272,23 @@ class IONode:
                 # Aligned: only waits when a read-modify-write is in flight (see _begin).
                 if self._serialising:
                     await self._wait_overlapping(offset, end, False)
-                tracked = self._track(offset, end, False)
+                # _track and _end, inline (not serialising).
+                tracked = _Tracked(offset, end, False)
+                in_flight = self._in_flight
+                in_flight.append(tracked)
                 try:
-                    await self.driver.pwritev(offset, buf, native)
+                    await driver.pwritev(offset, buf, native)
                 finally:
-                    self._end(tracked)
+                    in_flight.remove(tracked)
+                    if tracked.done is not None:
+                        tracked.done.set()
             else:
                 await self._pwritev_unaligned(offset, buf, head, tail, native)
             if self.dirty_bitmaps:
                 self._mark_dirty(offset, length)
         if self._debug_event is not None:
             await self._debug_event("pwritev_done")
-        if bits & _FUA and not int(self.driver.supported_write_flags) & _FUA:
+        if bits & _FUA and not int(driver.supported_write_flags) & _FUA:
             await self.flush()  # FUA emulated (see _emulate_fua)
 
     async def _pwritev_unaligned(

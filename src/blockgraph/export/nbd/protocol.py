@@ -905,7 +905,12 @@ class ServerConnection:
 
     def reply_ok(self, cookie: int) -> None:
         """Success for a command without reply data (QEMU sends a simple reply even when structured)."""
-        if self._finish(cookie):
+        # _finish and simple_reply, inline for the common case: every write's reply.
+        in_flight = self._in_flight
+        if in_flight.get(cookie) == 1:
+            del in_flight[cookie]
+            self._out.append(_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+        elif self._finish(cookie):
             self._out.append(simple_reply(0, cookie))
 
     def reply_error(self, cookie: int, error: int, message: str) -> None:

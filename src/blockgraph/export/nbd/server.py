@@ -467,7 +467,11 @@ class _Client:
         except Exception:
             self.log.exception("request %d failed", request.command)
             self.conn.reply_error(request.cookie, P.EIO, _FAILURE_TEXT[request.command])
-        await self._completed(request)
+        # _completed, inline: one coroutine less per request.
+        if not self._eager:
+            self._schedule_flush()
+        if request.command == P.CMD_READ and request.length >= _JOIN_LIMIT:
+            await self.drain()
 
     async def _completed(self, request: P.Request) -> None:
         # Small replies of the requests that complete in this loop iteration leave in one
