@@ -130,7 +130,9 @@ class RawDriver(BlockDriver):
     async def preadv(self, offset: int, buf: memoryview, flags: RequestFlags) -> None:
         if offset < 0 or offset > _INT64_MAX - self.offset - len(buf):  # _check_range, inline
             raise IOFailure(EINVAL)
-        file = self._child()
+        file = self.file  # _child(), inline
+        if file is None:
+            raise IOFailure(_errno.ENOMEDIUM)
         handler = getattr(file, "debug_event", None)
         if handler is not None:
             await handler("read_aio")
@@ -139,7 +141,9 @@ class RawDriver(BlockDriver):
     async def pwritev(self, offset: int, buf: memoryview, flags: RequestFlags) -> None:
         if offset < 0 or offset > _INT64_MAX - self.offset - len(buf):  # _check_range, inline
             raise IOFailure(EINVAL)
-        file = self._child()
+        file = self.file  # _child(), inline
+        if file is None:
+            raise IOFailure(_errno.ENOMEDIUM)
         handler = getattr(file, "debug_event", None)
         if handler is not None:
             await handler("write_aio")

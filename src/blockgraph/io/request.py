@@ -444,14 +444,19 @@ class IONode:
         if self.flags.read_only:
             return
         self.stats.flush_operations += 1
-        await self._child_debug_event("flush_to_os")
+        # _child_debug_event, inline: a writethrough export flushes after every write.
+        child = self.primary_io_child()
+        if child is not None and child._debug_event is not None:
+            await child._debug_event("flush_to_os")
         await self.driver.flush_to_os()
         if not self.flags.no_flush:
             self.stats.disk_flushes += 1
-            await self._child_debug_event("flush_to_disk")
+            child = self.primary_io_child()
+            if child is not None and child._debug_event is not None:
+                await child._debug_event("flush_to_disk")
             await self.driver.flush_to_disk()
-        for child in self.io_children():
-            await child.flush()
+        for node in self.io_children():
+            await node.flush()
 
     # -- VM state ---------------------------------------------------------------------------
     #

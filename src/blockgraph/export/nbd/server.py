@@ -307,7 +307,8 @@ class _Client:
                 self._start(event)
             elif isinstance(event, P.NeedData):
                 self.flush()
-                await self.drain()
+                if self.writer.transport.get_write_buffer_size():  # see the end of the loop
+                    await self.drain()
                 try:
                     data = await self.reader.read(_READ_SIZE)
                 except (ConnectionError, OSError):
