@@ -361,8 +361,9 @@ class BlockBackend:
             raise IOFailure(errno.EIO)
         return root
 
-    # The hot two do _check inline and tell the root that the range is checked: the root's
-    # request layer would otherwise measure the node again (a call down to the file per hop).
+    # The hot two do _check inline and tell the root that the range is checked (unless a
+    # throttle wait came in between): the root's request layer would otherwise measure the
+    # node again (a call down to the file per hop).
 
     async def preadv(self, offset: int, buf: memoryview) -> None:
         root = self.root
