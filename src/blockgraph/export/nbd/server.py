@@ -349,7 +349,9 @@ class _Client:
 
         Requests of an export that is a drive's device always get their own Task from the
         start: they may be held while the VM is stopped, which needs their task's identity
-        (close() cancels held tasks).
+        (close() cancels held tasks). For the same reason nothing on the request path may
+        rely on ``asyncio.current_task()`` (``asyncio.timeout`` does): during the first step
+        it is the connection's task.
         """
         export = self.export
         assert export is not None
