@@ -137,11 +137,6 @@ class IONode:
         """The child that holds this node's data or metadata (``file``, ``image``)."""
         return None
 
-    async def _child_debug_event(self, name: str) -> None:
-        child = self.primary_io_child()
-        if child is not None and child._debug_event is not None:
-            await child._debug_event(name)
-
     # -- serialisation ----------------------------------------------------------------------
 
     async def _begin(self, start: int, end: int, serialising: bool) -> _Tracked:
@@ -444,7 +439,8 @@ class IONode:
         if self.flags.read_only:
             return
         self.stats.flush_operations += 1
-        # _child_debug_event, inline: a writethrough export flushes after every write.
+        # The primary child's blkdebug events, fired without a helper coroutine: a
+        # writethrough export flushes after every write.
         child = self.primary_io_child()
         if child is not None and child._debug_event is not None:
             await child._debug_event("flush_to_os")
