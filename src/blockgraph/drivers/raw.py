@@ -24,7 +24,6 @@ from blockgraph.drivers.base import (
     OpenContext,
     PreallocMode,
     RequestFlags,
-    fire_debug_event,
 )
 from blockgraph.errors import EINVAL, ENOTSUP, BlockError, IOFailure
 from blockgraph.options.schema import OptionSpec, OptType, opt
@@ -115,7 +114,10 @@ class RawDriver(BlockDriver):
     def getlength(self) -> int:
         if self.size is not None:
             return self.size
-        return max(0, self._child().getlength() - self.offset)
+        file = self.file  # _child(), inline: every request asks, several times
+        if file is None:
+            raise IOFailure(_errno.ENOMEDIUM)
+        return max(0, file.getlength() - self.offset)
 
     def _check_range(self, offset: int, length: int) -> None:
         # The request layer bounds requests by getlength(); this guards the window arithmetic
@@ -123,15 +125,29 @@ class RawDriver(BlockDriver):
         if offset < 0 or length < 0 or offset > _INT64_MAX - self.offset - length:
             raise IOFailure(EINVAL)
 
+    # The event is fired here rather than through fire_debug_event: one coroutine less per
+    # request when no blkdebug node listens, which is always but in tests.
     async def preadv(self, offset: int, buf: memoryview, flags: RequestFlags) -> None:
-        self._check_range(offset, len(buf))
-        await fire_debug_event(self.file, "read_aio")
-        await self._child().preadv(offset + self.offset, buf, flags)
+        if offset < 0 or offset > _INT64_MAX - self.offset - len(buf):  # _check_range, inline
+            raise IOFailure(EINVAL)
+        file = self.file  # _child(), inline
+        if file is None:
+            raise IOFailure(_errno.ENOMEDIUM)
+        handler = getattr(file, "debug_event", None)
+        if handler is not None:
+            await handler("read_aio")
+        await file.preadv(offset + self.offset, buf, flags)
 
     async def pwritev(self, offset: int, buf: memoryview, flags: RequestFlags) -> None:
-        self._check_range(offset, len(buf))
-        await fire_debug_event(self.file, "write_aio")
-        await self._child().pwritev(offset + self.offset, buf, flags)
+        if offset < 0 or offset > _INT64_MAX - self.offset - len(buf):  # _check_range, inline
+            raise IOFailure(EINVAL)
+        file = self.file  # _child(), inline
+        if file is None:
+            raise IOFailure(_errno.ENOMEDIUM)
+        handler = getattr(file, "debug_event", None)
+        if handler is not None:
+            await handler("write_aio")
+        await file.pwritev(offset + self.offset, buf, flags)
 
     async def pwrite_zeroes(self, offset: int, length: int, flags: RequestFlags) -> None:
         self._check_range(offset, length)

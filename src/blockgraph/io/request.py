@@ -38,6 +38,19 @@ _ZERO_CHUNK = 1 << 20
 # The most one copy-on-read step holds in memory.
 _PREFETCH_CHUNK = 1024 * 1024
 
+# Every RequestFlags value, indexed by its int. IntFlag's & and | run in Python (each builds
+# its result through the enum's constructor), several times per request on the write path:
+# the hot path computes on ints and maps the result back through this table.
+_REQUEST_FLAGS: tuple[RequestFlags, ...] = tuple(
+    RequestFlags(value) for value in range(sum(int(flag) for flag in RequestFlags) + 1))
+_FUA = int(RequestFlags.FUA)
+
+
+
+def with_fua(flags: RequestFlags) -> RequestFlags:
+    """``flags | RequestFlags.FUA``, without IntFlag's arithmetic."""
+    return _REQUEST_FLAGS[int(flags) | _FUA]
+
 
 @dataclass
 class NodeStats:
@@ -111,11 +124,6 @@ class IONode:
         """The child that holds this node's data or metadata (``file``, ``image``)."""
         return None
 
-    async def _child_debug_event(self, name: str) -> None:
-        child = self.primary_io_child()
-        if child is not None and child._debug_event is not None:
-            await child._debug_event(name)
-
     # -- serialisation ----------------------------------------------------------------------
 
     async def _begin(self, start: int, end: int, serialising: bool) -> _Tracked:
@@ -174,20 +182,32 @@ class IONode:
 
     # -- reads ------------------------------------------------------------------------------
 
-    async def preadv(self, offset: int, buf: memoryview, flags: RequestFlags = RequestFlags.NONE) -> None:
-        """Read ``len(buf)`` bytes at ``offset`` into ``buf``."""
+    async def preadv(self, offset: int, buf: memoryview, flags: RequestFlags = RequestFlags.NONE,
+                     in_range: bool = False) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` into ``buf``.
+
+        :param in_range: the caller (a BlockBackend, on its root) checked already that the
+            range lies inside this node: the same check is not made again.
+        """
+        # The checks of _check_range, inline: this runs at every node of every read.
         length = len(buf)
-        self._check_range(offset, length)
-        self.stats.rd_operations += 1
-        self.stats.rd_bytes += length
+        driver = self.driver
+        if not in_range:
+            if offset < 0 or length < 0:
+                raise IOFailure(errno.EINVAL)
+            if not driver.growable and offset + length > self.getlength():
+                raise IOFailure(errno.EIO)
+        stats = self.stats
+        stats.rd_operations += 1
+        stats.rd_bytes += length
         if length == 0:
             return
-        align = self.driver.request_alignment
+        align = driver.request_alignment
         head = offset % align
         end = offset + length
         tail = -end % align
         if head == 0 and tail == 0:
-            await self.driver.preadv(offset, buf, flags)
+            await driver.preadv(offset, buf, flags)
             return
         start = offset - head
         bounce = bytearray(head + length + tail)
@@ -200,21 +220,33 @@ class IONode:
 
     # -- writes -----------------------------------------------------------------------------
 
-    async def pwritev(self, offset: int, buf: memoryview, flags: RequestFlags = RequestFlags.NONE) -> None:
-        """Write ``buf`` at ``offset``; with FUA the data is stable when this returns."""
-        self._check_writable()
+    async def pwritev(self, offset: int, buf: memoryview, flags: RequestFlags = RequestFlags.NONE,
+                      in_range: bool = False) -> None:
+        """Write ``buf`` at ``offset``; with FUA the data is stable when this returns.
+
+        :param in_range: as for :meth:`preadv`.
+        """
+        # The checks of _check_writable and _check_range, inline (as in preadv).
+        if self.flags.read_only:
+            raise IOFailure(errno.EPERM)
         length = len(buf)
-        self._check_range(offset, length)
-        self.stats.wr_operations += 1
-        self.stats.wr_bytes += length
-        align = self.driver.request_alignment
+        driver = self.driver
+        if not in_range:
+            if offset < 0 or length < 0:
+                raise IOFailure(errno.EINVAL)
+            if not driver.growable and offset + length > self.getlength():
+                raise IOFailure(errno.EIO)
+        stats = self.stats
+        stats.wr_operations += 1
+        stats.wr_bytes += length
+        align = driver.request_alignment
         head = offset % align
         end = offset + length
         tail = -end % align
         if self.write_threshold and end + tail > self.write_threshold:
             self.write_threshold_exceeded(end + tail)
-        # Flag arithmetic on IntFlag runs in Python: skipped when there are no flags at all.
-        native = flags & self.driver.supported_write_flags if flags else flags
+        bits = int(flags)  # see _REQUEST_FLAGS
+        native = _REQUEST_FLAGS[bits & int(driver.supported_write_flags)] if bits else flags
         if self._debug_event is not None:
             await self._debug_event("pwritev")
         if length:
@@ -222,19 +254,24 @@ class IONode:
                 # Aligned: only waits when a read-modify-write is in flight (see _begin).
                 if self._serialising:
                     await self._wait_overlapping(offset, end, False)
-                tracked = self._track(offset, end, False)
+                # _track and _end, inline (not serialising).
+                tracked = _Tracked(offset, end, False)
+                in_flight = self._in_flight
+                in_flight.append(tracked)
                 try:
-                    await self.driver.pwritev(offset, buf, native)
+                    await driver.pwritev(offset, buf, native)
                 finally:
-                    self._end(tracked)
+                    in_flight.remove(tracked)
+                    if tracked.done is not None:
+                        tracked.done.set()
             else:
                 await self._pwritev_unaligned(offset, buf, head, tail, native)
             if self.dirty_bitmaps:
                 self._mark_dirty(offset, length)
         if self._debug_event is not None:
             await self._debug_event("pwritev_done")
-        if flags:
-            await self._emulate_fua(flags)
+        if bits & _FUA and not int(driver.supported_write_flags) & _FUA:
+            await self.flush()  # FUA emulated (see _emulate_fua)
 
     async def _pwritev_unaligned(
         self, offset: int, buf: memoryview, head: int, tail: int, flags: RequestFlags
@@ -269,7 +306,7 @@ class IONode:
 
     async def _emulate_fua(self, flags: RequestFlags) -> None:
         # A driver without native FUA gets the same guarantee from a flush after the write.
-        if flags & RequestFlags.FUA and not self.driver.supported_write_flags & RequestFlags.FUA:
+        if int(flags) & _FUA and not int(self.driver.supported_write_flags) & _FUA:
             await self.flush()
 
     async def prefetch(self, offset: int, length: int) -> None:
@@ -385,14 +422,20 @@ class IONode:
         if self.flags.read_only:
             return
         self.stats.flush_operations += 1
-        await self._child_debug_event("flush_to_os")
+        # The primary child's blkdebug events, fired without a helper coroutine: a
+        # writethrough export flushes after every write.
+        child = self.primary_io_child()
+        if child is not None and child._debug_event is not None:
+            await child._debug_event("flush_to_os")
         await self.driver.flush_to_os()
         if not self.flags.no_flush:
             self.stats.disk_flushes += 1
-            await self._child_debug_event("flush_to_disk")
+            child = self.primary_io_child()
+            if child is not None and child._debug_event is not None:
+                await child._debug_event("flush_to_disk")
             await self.driver.flush_to_disk()
-        for child in self.io_children():
-            await child.flush()
+        for node in self.io_children():
+            await node.flush()
 
     # -- VM state ---------------------------------------------------------------------------
     #
@@ -449,4 +492,5 @@ class IONode:
         size = self.getlength()
         if offset >= size:
             return BlockStatus(BlockStatusFlags.EOF, 0)
-        return await self.driver.block_status(offset, min(length, size - offset))
+        length = min(length, size - offset)
+        return await self.driver.block_status(offset, length)

@@ -92,6 +92,7 @@ _REQUEST = struct.Struct(">IHHQQI")
 _SIMPLE_REPLY = struct.Struct(">IIQ")
 _CHUNK = struct.Struct(">IHHQI")
 _EXTENT = struct.Struct(">II")
+_REQUEST_SIZE = _REQUEST.size
 
 
 def greeting(handshake_flags: int = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES) -> bytes:
@@ -228,7 +229,7 @@ class TransmissionStarted:
     contexts: tuple[tuple[int, str], ...]
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     """One valid transmission request; answer it once with a ``reply_*`` method.
 
@@ -309,6 +310,15 @@ COMMAND_EXTRA_FLAGS: dict[int, int] = {
     CMD_READ: CMD_FLAG_DF,
     CMD_WRITE_ZEROES: CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
     CMD_BLOCK_STATUS: CMD_FLAG_REQ_ONE,
+}
+# The flags each command accepts (QEMU's valid_flags), with and without structured replies;
+# commands missing here accept FUA only.
+_VALID_FLAGS_STRUCTURED: dict[int, int] = {
+    command: CMD_FLAG_FUA | COMMAND_EXTRA_FLAGS.get(command, 0) for command in COMMAND_NAMES
+}
+_VALID_FLAGS: dict[int, int] = {
+    command: valid & ~CMD_FLAG_DF if command == CMD_READ else valid
+    for command, valid in _VALID_FLAGS_STRUCTURED.items()
 }
 # Commands that carry or return a buffer: their length is capped at MAX_BUFFER_SIZE.
 BUFFERED_COMMANDS = frozenset({CMD_READ, CMD_WRITE, CMD_CACHE})
@@ -445,6 +455,10 @@ class ServerConnection:
             queued: Event = self._queued
             self._queued = None
             return queued
+        if self.expect is Expect.REQUEST_HEADER:
+            request = self._next_request()
+            if request is not None:
+                return request
         while True:
             if self.phase is Phase.CLOSED:
                 if self._closed_event_sent:
@@ -771,6 +785,33 @@ class ServerConnection:
             return None
         return self._validate(request)
 
+    def _next_request(self) -> Request | None:
+        """The fast path of transmission: the next valid request whose header (and a write's
+        payload) is buffered whole; None when there is none, or when the next message needs
+        anything else (a short buffer, a bad magic, DISC, an oversized request): then the
+        general parser (:meth:`_step`) takes it, as it takes everything else.
+
+        This is what every request of a busy connection goes through, so it does in one call
+        what the general parser does in several steps; the outcome is the same.
+        """
+        buf = self._in
+        while len(buf) >= _REQUEST_SIZE:
+            magic, flags, command, cookie, offset, length = _REQUEST.unpack_from(buf)
+            if magic != REQUEST_MAGIC or length > MAX_BUFFER_SIZE or command == CMD_DISC:
+                return None
+            if command == CMD_WRITE:
+                end = _REQUEST_SIZE + length
+                if len(buf) < end:
+                    return None  # the payload is filled piecewise as it arrives
+                request = Request(cookie, command, flags, offset, length, buf[_REQUEST_SIZE:end])
+                del buf[:end]
+            else:
+                del buf[:_REQUEST_SIZE]
+                request = Request(cookie, command, flags, offset, length)
+            if self._validate(request) is not None:
+                return request
+        return None
+
     def _fill_payload(self, data: memoryview) -> Event | None:
         request = self._pending
         assert request is not None and request.data is not None
@@ -809,32 +850,33 @@ class ServerConnection:
         return self._validate(request)
 
     def _validate(self, request: Request) -> Event | None:
-        assert self.export is not None
         export = self.export
+        assert export is not None
+        command = request.command
+        offset = request.offset
+        length = request.length
+        size = export.size
         error: str | None = None
-        if export.read_only and request.command in WRITING_COMMANDS:
+        if export.read_only and command in WRITING_COMMANDS:
             error = "Export is read-only"
-        elif request.offset > export.size or request.length > export.size - request.offset:
-            error = (f"operation past EOF; From: {request.offset}, Len: {request.length}, "
-                     f"Size: {export.size}")
-        else:
-            valid = CMD_FLAG_FUA | COMMAND_EXTRA_FLAGS.get(request.command, 0)
-            if request.command == CMD_READ and not self.structured:
-                valid &= ~CMD_FLAG_DF
-            if request.flags & ~valid:
-                error = (f"unsupported flags for command {command_name(request.command)} "
-                         f"(got 0x{request.flags:x})")
-            elif request.command not in COMMAND_NAMES:
-                error = f"invalid request type ({request.command}) received"
-            elif request.command == CMD_BLOCK_STATUS and not request.length:
-                error = "need non-zero length"
-            elif request.command == CMD_BLOCK_STATUS and not self._contexts:
-                error = "CMD_BLOCK_STATUS not negotiated"
+        elif offset > size or length > size - offset:
+            error = f"operation past EOF; From: {offset}, Len: {length}, Size: {size}"
+        elif request.flags & ~(_VALID_FLAGS_STRUCTURED if self.structured else _VALID_FLAGS).get(
+                command, CMD_FLAG_FUA):
+            error = f"unsupported flags for command {command_name(command)} (got 0x{request.flags:x})"
+        elif command not in COMMAND_NAMES:
+            error = f"invalid request type ({command}) received"
+        elif command == CMD_BLOCK_STATUS and not length:
+            error = "need non-zero length"
+        elif command == CMD_BLOCK_STATUS and not self._contexts:
+            error = "CMD_BLOCK_STATUS not negotiated"
         if error is not None:
             self._error_reply(request.cookie, EINVAL, error)
             return None
         # Cookies are the client's business: QEMU does not insist on unique ones, so neither do we.
-        self._in_flight[request.cookie] = self._in_flight.get(request.cookie, 0) + 1
+        in_flight = self._in_flight
+        cookie = request.cookie
+        in_flight[cookie] = in_flight.get(cookie, 0) + 1
         return request
 
     # -- replies --------------------------------------------------------------------------------
@@ -863,7 +905,12 @@ class ServerConnection:
 
     def reply_ok(self, cookie: int) -> None:
         """Success for a command without reply data (QEMU sends a simple reply even when structured)."""
-        if self._finish(cookie):
+        # _finish and simple_reply, inline for the common case: every write's reply.
+        in_flight = self._in_flight
+        if in_flight.get(cookie) == 1:
+            del in_flight[cookie]
+            self._out.append(_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+        elif self._finish(cookie):
             self._out.append(simple_reply(0, cookie))
 
     def reply_error(self, cookie: int, error: int, message: str) -> None:

@@ -29,7 +29,7 @@ import socket
 import ssl
 import sys
 from asyncio import selector_events
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -286,7 +286,12 @@ class _Client:
         self.tasks: set[asyncio.Task[None]] = set()
         self.broken = False
         self.task: asyncio.Task[Any] | None = None
+        self._loop = asyncio.get_running_loop()
         self._flush_scheduled = False
+        # True while run() starts a request in its own frame (see _start): replies then wait
+        # for run()'s next flush instead of scheduling one; _eager_replies bounds how many.
+        self._eager = False
+        self._eager_replies = 0
         self._slot_waiter: asyncio.Future[None] | None = None
         self._big_reply_lock = asyncio.Lock()
         self._read_buffers = _ReadBuffers()
@@ -298,6 +303,7 @@ class _Client:
 
     def flush(self) -> None:
         self._flush_scheduled = False
+        self._eager_replies = 0
         if self.broken or self.writer.is_closing():
             self.conn.data_to_send()
             return
@@ -325,9 +331,11 @@ class _Client:
 
     def _schedule_flush(self) -> None:
         # Replies of requests that complete in the same loop iteration leave in one write.
+        if self._eager:
+            return  # run() flushes before it waits for anything (see _start)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            self._loop.call_soon(self.flush)
 
     async def drain(self) -> None:
         try:
@@ -338,36 +346,37 @@ class _Client:
     async def run(self) -> None:
         self.flush()
         await self.drain()
+        conn = self.conn
         while True:
             if len(self.tasks) >= MAX_REQUESTS:
                 # Checked before parsing, not only before reading: requests already buffered
                 # (nbdcopy sends 64 at once) would otherwise all start, each with its buffer.
                 # One future that the next finishing request completes: cheaper than
                 # asyncio.wait(), which adds and removes a callback on every task each time.
-                self._slot_waiter = asyncio.get_running_loop().create_future()
+                self.flush()
+                self._slot_waiter = self._loop.create_future()
                 try:
                     await self._slot_waiter
                 finally:
                     self._slot_waiter = None
                 continue
-            event = self.conn.next_event()
-            if isinstance(event, P.NeedData):
+            event = conn.next_event()
+            if type(event) is P.Request:
+                self._start(event)
+            elif isinstance(event, P.NeedData):
                 self.flush()
-                await self.drain()
+                if self.writer.transport.get_write_buffer_size():  # see the end of the loop
+                    await self.drain()
                 try:
                     data = await self.reader.read(_READ_SIZE)
                 except (ConnectionError, OSError):
                     data = b""
-                self.conn.receive_data(data)
+                conn.receive_data(data)
                 continue
-            if isinstance(event, P.TransmissionStarted):
+            elif isinstance(event, P.TransmissionStarted):
                 self.export = self.server.exports[event.export.name]
                 self.log.debug("transmission on export %r (structured=%s, contexts=%s)",
                                event.export.name, event.structured, event.contexts)
-            elif isinstance(event, P.Request):
-                task = asyncio.get_running_loop().create_task(self._request(event))
-                self.tasks.add(task)
-                task.add_done_callback(self._request_done)
             elif isinstance(event, P.StartTLS):
                 self.flush()
                 await self.drain()
@@ -380,10 +389,49 @@ class _Client:
             # No flush here: replies queued while parsing (errors for invalid requests) go
             # out with the next flush, at the latest before the next read (NeedData above).
             # But no new request starts while the socket is backed up: that would only pile
-            # more replies into the transport's buffer (copies, memory). drain() returns at
-            # once when the transport is not paused.
-            await self.drain()
+            # more replies into the transport's buffer (copies, memory). With nothing
+            # buffered the transport cannot be paused: no drain() (three coroutines) then.
+            if self.writer.transport.get_write_buffer_size():
+                await self.drain()
         self.flush()
+
+    def _start(self, request: P.Request) -> None:
+        """Run ``request`` in this frame as far as it goes without waiting (eager start).
+
+        Most requests (a 4 KiB read or write on raw or a cached qcow2 cluster) never suspend:
+        a Task for each cost a Task object, a done callback and two more loop iterations
+        (the task's first step, then the scheduled reply flush). Only a request that does
+        suspend goes on in a Task (see :class:`_Resumed`), from where it stopped. Replies of
+        requests that completed here wait for run()'s next flush, which comes before run()
+        waits for anything.
+
+        Requests of an export that is a drive's device always get their own Task from the
+        start: they may be held while the VM is stopped, which needs their task's identity
+        (close() cancels held tasks). For the same reason nothing on the request path may
+        rely on ``asyncio.current_task()`` (``asyncio.timeout`` does): during the first step
+        it is the connection's task.
+        """
+        export = self.export
+        assert export is not None
+        if export.device is not None:
+            task = self._loop.create_task(self._request(request))
+        else:
+            coro = self._node_request(export, request)
+            self._eager = True
+            try:
+                yielded = coro.send(None)
+            except StopIteration:
+                # Completed. Bound what waits for run()'s flush (reads of 4 KiB each, when
+                # many requests arrived at once).
+                self._eager_replies += 1
+                if self._eager_replies >= MAX_REQUESTS:
+                    self.flush()
+                return
+            finally:
+                self._eager = False
+            task = self._loop.create_task(_Resumed(coro, yielded))
+        self.tasks.add(task)
+        task.add_done_callback(self._request_done)
 
     async def _start_tls(self) -> bool:
         """Upgrade the connection; False (logged) when the handshake fails."""
@@ -468,6 +516,25 @@ class _Client:
                 self.log.exception("request %d failed", request.command)
                 self.conn.reply_error(request.cookie, P.EIO, _FAILURE_TEXT[request.command])
             break
+        await self._completed(request)
+
+    async def _node_request(self, export: NBDExport, request: P.Request) -> None:
+        """A request on an export of a node: no error policy applies, failures go to the
+        client. Started by :meth:`_start`."""
+        try:
+            await COMMAND_HANDLERS[request.command](self, export, request)
+        except IOFailure as exc:
+            self.conn.reply_error(request.cookie, P.errno_to_nbd(exc.errno), _FAILURE_TEXT[request.command])
+        except Exception:
+            self.log.exception("request %d failed", request.command)
+            self.conn.reply_error(request.cookie, P.EIO, _FAILURE_TEXT[request.command])
+        # _completed, inline: one coroutine less per request.
+        if not self._eager:
+            self._schedule_flush()
+        if request.command == P.CMD_READ and request.length >= _JOIN_LIMIT:
+            await self.drain()
+
+    async def _completed(self, request: P.Request) -> None:
         # Small replies of the requests that complete in this loop iteration leave in one
         # write (an error reply of a big read too). Back-pressure is the read loop's: it drains
         # before reading more requests.
@@ -591,6 +658,45 @@ class _Client:
                 return
             answers.append((context_id, found))
         self.conn.reply_block_status(request.cookie, answers)
+
+
+class _Resumed(Coroutine[Any, None, None]):
+    """A request coroutine whose first step ran outside any task (eager start), as the
+    coroutine of the task that runs the rest of it.
+
+    A task's first step hands it what the coroutine yielded in that step: the future it waits
+    for (or None for a bare yield), which the task then waits for and resumes the coroutine
+    after, as if it had run the step itself. Everything the task sends or throws afterwards
+    goes to the coroutine, a cancellation too, even one that comes before the task's first
+    step: it reaches the coroutine where it waits, as it would in a task of its own.
+    """
+
+    __slots__ = ("_coro", "_first", "_started")
+
+    def __init__(self, coro: Coroutine[Any, None, None], yielded: Any) -> None:
+        self._coro = coro
+        self._first = yielded
+        self._started = False
+
+    def send(self, value: None) -> Any:
+        if not self._started:
+            self._started = True
+            first, self._first = self._first, None
+            return first
+        return self._coro.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        self._started = True
+        self._first = None
+        if val is None and tb is None:
+            return self._coro.throw(typ)
+        return self._coro.throw(typ, val, tb)
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        raise TypeError("a resumed request runs as a task's coroutine only")
 
 
 COMMAND_HANDLERS = {

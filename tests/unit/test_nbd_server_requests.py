@@ -1,0 +1,314 @@
+"""How the NBD server runs requests: eagerly in its read loop, in a task only once one suspends.
+
+A request that completes without waiting is run and answered from the read loop itself; one
+that waits (here: a file driver held on an event the test controls) goes on in a task, from
+where it stopped, and must then behave as it did as a task of its own: answered once it
+completes, failures thrown into it answered as errors, cancellation reaching it, at most
+``MAX_REQUESTS`` in flight, and the connection closing only after it was answered.
+
+The server runs in this process on a unix socket; the client speaks the wire protocol
+directly. Nothing sleeps to synchronise: the test waits for the driver to be entered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import struct
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+if str(Path(__file__).resolve().parents[2]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.support.graphutil import make_raw  # noqa: E402
+
+from blockgraph.drivers.base import RequestFlags  # noqa: E402
+from blockgraph.errors import IOFailure  # noqa: E402
+from blockgraph.export.nbd import protocol as P  # noqa: E402
+from blockgraph.export.nbd import server as S  # noqa: E402
+from blockgraph.graph.layer import BlockLayer  # noqa: E402
+from blockgraph.graph.node import BlockBackend, Node  # noqa: E402
+
+SIZE = 1 << 20
+_REPLY = struct.Struct(">IIQ")
+
+
+class Client:
+    """A bare NBD client: fixed newstyle, no structured replies, simple replies only."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, path: str) -> Client:
+        reader, writer = await asyncio.open_unix_connection(path)
+        await reader.readexactly(18)  # greeting
+        name = b"disk"
+        data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+        writer.write(struct.pack(">I", P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES)
+                     + struct.pack(">QII", P.IHAVEOPT, P.OPT_GO, len(data)) + data)
+        while True:
+            _magic, _option, reply_type, length = struct.unpack(">QIII", await reader.readexactly(20))
+            await reader.readexactly(length)
+            if reply_type == P.REP_ACK:
+                return cls(reader, writer)
+            assert reply_type == P.REP_INFO
+
+    def send(self, cookie: int, command: int, offset: int, length: int, payload: bytes = b"") -> None:
+        self.writer.write(P.request_header(cookie, command, offset, length) + payload)
+
+    async def reply(self, read_length: int = 0) -> tuple[int, int, bytes]:
+        """(cookie, error, data) of the next reply; ``read_length``: data follows a good one."""
+        magic, error, cookie = _REPLY.unpack(await self.reader.readexactly(_REPLY.size))
+        assert magic == P.SIMPLE_REPLY_MAGIC
+        data = await self.reader.readexactly(read_length) if read_length and not error else b""
+        return cookie, error, data
+
+    async def close(self) -> None:
+        self.send(0, P.CMD_DISC, 0, 0)
+        await self.writer.drain()
+        assert await self.reader.read() == b""  # the server closes after DISC
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+class Gate:
+    """Holds the file driver's writes at offsets in ``held`` until released."""
+
+    def __init__(self, file_node: Node, held: set[int]) -> None:
+        self.held = held
+        self.entered: asyncio.Queue[int] = asyncio.Queue()
+        self.release = asyncio.Event()
+        self.fail: IOFailure | None = None
+        self.cancelled: list[int] = []
+        driver = file_node.driver
+        original = driver.pwritev
+
+        async def pwritev(offset: int, buf: memoryview, flags: RequestFlags) -> None:
+            if offset in self.held:
+                self.entered.put_nowait(offset)
+                try:
+                    await self.release.wait()
+                except asyncio.CancelledError:
+                    self.cancelled.append(offset)
+                    raise
+                if self.fail is not None:
+                    raise self.fail
+            await original(offset, buf, flags)
+
+        driver.pwritev = pwritev  # type: ignore[method-assign]
+
+
+async def _serve(tmp_path: Path, test: Callable[[Client, Gate, S.NBDServer, Node], Awaitable[None]],
+                 held: set[int] | None = None) -> None:
+    layer = BlockLayer()
+    image = make_raw(tmp_path / "disk.raw", SIZE)
+    root = await layer.open_node(image, {"driver": "raw"})
+    file_node = root.file
+    assert file_node is not None
+    backend = BlockBackend(layer, "")
+    backend.attach(root)
+    server = S.NBDServer([S.NBDExport("disk", backend)])
+    sock = str(tmp_path / "sock")
+    await server.listen_unix(sock)
+    gate = Gate(file_node, held or set())
+    client = await Client.connect(sock)
+    try:
+        await test(client, gate, server, file_node)
+    finally:
+        gate.release.set()
+        await server.close()
+        for bb in list(layer.backends):
+            bb.attach(None)
+
+
+def _run(tmp_path: Path, test: Callable[[Client, Gate, S.NBDServer, Node], Awaitable[None]],
+         held: set[int] | None = None) -> None:
+    asyncio.run(_serve(tmp_path, test, held))
+
+
+def test_eager_requests_answer_while_a_suspended_one_waits(tmp_path: Path) -> None:
+    async def test(client: Client, gate: Gate, server: S.NBDServer, file_node: Node) -> None:
+        client.send(1, P.CMD_WRITE, 0, 4096, b"\x11" * 4096)  # held in the driver
+        client.send(2, P.CMD_WRITE, 8192, 4096, b"\x22" * 4096)
+        client.send(3, P.CMD_READ, 8192, 4096)
+        assert await gate.entered.get() == 0
+        # The read sees the write sent before it, which completed without waiting.
+        assert await client.reply() == (2, 0, b"")
+        assert await client.reply(4096) == (3, 0, b"\x22" * 4096)
+        gate.release.set()
+        assert await client.reply() == (1, 0, b"")
+        client.send(4, P.CMD_READ, 0, 4096)
+        assert await client.reply(4096) == (4, 0, b"\x11" * 4096)
+        await client.close()
+
+    _run(tmp_path, test, held={0})
+
+
+def test_failure_after_suspending_is_answered_as_an_error(tmp_path: Path) -> None:
+    async def test(client: Client, gate: Gate, server: S.NBDServer, file_node: Node) -> None:
+        client.send(7, P.CMD_WRITE, 4096, 4096, b"\x33" * 4096)
+        assert await gate.entered.get() == 4096
+        gate.fail = IOFailure(errno.ENOSPC)
+        gate.release.set()
+        assert await client.reply() == (7, P.ENOSPC, b"")
+        await client.close()
+
+    _run(tmp_path, test, held={4096})
+
+
+def test_suspended_requests_count_against_the_window(tmp_path: Path) -> None:
+    held = {i * 4096 for i in range(S.MAX_REQUESTS + 4)}
+
+    async def test(client: Client, gate: Gate, server: S.NBDServer, file_node: Node) -> None:
+        for i in range(S.MAX_REQUESTS + 4):
+            client.send(100 + i, P.CMD_WRITE, i * 4096, 4096, bytes([i]) * 4096)
+        started = [await gate.entered.get() for _ in range(S.MAX_REQUESTS)]
+        assert started == [i * 4096 for i in range(S.MAX_REQUESTS)]
+        # The rest waits for a slot: a flush (which never suspends) sent now is not parsed yet.
+        client.send(999, P.CMD_FLUSH, 0, 0)
+        await client.writer.drain()
+        assert gate.entered.empty()
+        gate.release.set()
+        cookies = {(await client.reply())[0] for _ in range(S.MAX_REQUESTS + 5)}
+        assert cookies == {100 + i for i in range(S.MAX_REQUESTS + 4)} | {999}
+        for i in range(S.MAX_REQUESTS + 4):
+            client.send(200 + i, P.CMD_READ, i * 4096, 4096)
+            assert await client.reply(4096) == (200 + i, 0, bytes([i]) * 4096)
+        await client.close()
+
+    _run(tmp_path, test, held=held)
+
+
+def test_disconnect_waits_for_the_suspended_request(tmp_path: Path) -> None:
+    async def test(client: Client, gate: Gate, server: S.NBDServer, file_node: Node) -> None:
+        client.send(5, P.CMD_WRITE, 0, 4096, b"\x44" * 4096)
+        client.send(0, P.CMD_DISC, 0, 0)
+        assert await gate.entered.get() == 0
+        gate.release.set()
+        # Answered before the server closes the connection.
+        assert await client.reply() == (5, 0, b"")
+        assert await client.reader.read() == b""
+        with open(file_node.driver.filename() or "", "rb") as f:
+            assert f.read(4096) == b"\x44" * 4096
+
+    _run(tmp_path, test, held={0})
+
+
+def test_closing_the_server_cancels_into_the_suspended_request(tmp_path: Path) -> None:
+    async def test(client: Client, gate: Gate, server: S.NBDServer, file_node: Node) -> None:
+        client.send(5, P.CMD_WRITE, 0, 4096, b"\x55" * 4096)
+        assert await gate.entered.get() == 0
+        # Cancelling the request's task (as an event loop shutting down does) must reach the
+        # coroutine waiting in the driver.
+        (task,) = [t for c in server._active for t in c.tasks]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert gate.cancelled == [0]
+
+    _run(tmp_path, test, held={0})
+
+
+# -- a resumed coroutine in its task, alone ----------------------------------------------
+
+
+def _resumed(coro: Coroutine[Any, None, None]) -> S._Resumed:
+    """Run ``coro``'s first step outside any task, as the server does; the rest to give a task."""
+    return S._Resumed(coro, coro.send(None))
+
+
+def test_resumed_gets_results_failures_and_bare_yields() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        log: list[object] = []
+
+        async def request(fut: asyncio.Future[int], bad: asyncio.Future[int]) -> None:
+            log.append(await fut)
+            await asyncio.sleep(0)  # a bare yield
+            try:
+                await bad
+            except OSError as exc:
+                log.append(exc.errno)
+
+        fut: asyncio.Future[int] = loop.create_future()
+        bad: asyncio.Future[int] = loop.create_future()
+        task = loop.create_task(_resumed(request(fut, bad)))
+        loop.call_soon(fut.set_result, 42)
+        loop.call_soon(loop.call_soon, bad.set_exception, OSError(errno.EIO, "x"))
+        await task
+        assert log == [42, errno.EIO]
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("before_first_step", [True, False])
+def test_resumed_passes_cancellation_into_the_coroutine(before_first_step: bool) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        seen: list[str] = []
+
+        async def request(fut: asyncio.Future[None]) -> None:
+            try:
+                await fut
+            except asyncio.CancelledError:
+                seen.append("cancelled")
+                raise
+
+        fut: asyncio.Future[None] = loop.create_future()
+        task = loop.create_task(_resumed(request(fut)))
+        if not before_first_step:
+            await asyncio.sleep(0)  # the task waits for fut now
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert seen == ["cancelled"]
+        assert fut.cancelled() is not before_first_step
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_eager_request_failures_map_to_nbd_errors(tmp_path: Path, after: bool) -> None:
+    """The same errno reaches the client whether the request failed before or after waiting."""
+    held = {0} if after else set()
+
+    async def test(client: Client, gate: Gate, server: S.NBDServer, file_node: Node) -> None:
+        gate.fail = IOFailure(errno.EDQUOT)
+        if not after:
+            def failing(offset: int, buf: memoryview, flags: RequestFlags) -> Coroutine[Any, Any, None]:
+                async def fail() -> None:
+                    raise IOFailure(errno.EDQUOT)
+                return fail()
+            file_node.driver.pwritev = failing  # type: ignore[method-assign]
+        client.send(9, P.CMD_WRITE, 0, 4096, b"\x66" * 4096)
+        if after:
+            assert await gate.entered.get() == 0
+            gate.release.set()
+        assert await client.reply() == (9, P.ENOSPC, b"")
+        await client.close()
+
+    _run(tmp_path, test, held=held)
+
+
+def test_unexpected_exception_is_answered_with_eio(tmp_path: Path) -> None:
+    async def test(client: Client, gate: Gate, server: S.NBDServer, file_node: Node) -> None:
+        async def broken(offset: int, buf: memoryview, flags: RequestFlags) -> None:
+            raise ValueError("a bug")
+        file_node.driver.pwritev = broken  # type: ignore[method-assign]
+        client.send(3, P.CMD_WRITE, 0, 4096, b"\x77" * 4096)
+        assert await client.reply() == (3, P.EIO, b"")
+        # The connection goes on.
+        client.send(4, P.CMD_READ, 0, 4096)
+        assert await client.reply(4096) == (4, 0, bytes(4096))
+        await client.close()
+
+    _run(tmp_path, test)
+
+
