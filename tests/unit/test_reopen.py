@@ -454,3 +454,49 @@ def test_o_direct_reopen_keeps_data_visible_to_other_readers(layer: BlockLayer,
     with open(path, "rb") as f:
         f.seek(100)
         assert f.read(11) == b"direct-data"
+
+
+def test_reopen_read_only_waits_for_a_write_in_flight(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write whose data is still on its way when the node goes read-only (a live external
+    snapshot does that to the old top) is finished and written back, not lost."""
+    layer = BlockLayer()
+    try:
+        filename = make_qcow2(tmp_path / "img.qcow2", 1 << 20)
+        bb = layer.new_backend("drive0")
+        root = layer.run(layer.open_node(filename, {"driver": "qcow2"}, backend=bb))
+        parked = asyncio.Event()
+        release = asyncio.Event()
+        original = FileDriver.pwritev
+
+        async def gated(self: FileDriver, offset: int, buf: memoryview, flags: Any) -> None:
+            if len(buf) >= 65536 and not release.is_set():  # the guest cluster's data write
+                parked.set()
+                await release.wait()
+            await original(self, offset, buf, flags)
+
+        monkeypatch.setattr(FileDriver, "pwritev", gated)
+
+        async def scenario() -> None:
+            write = asyncio.ensure_future(bb.pwritev(3 * 65536, memoryview(b"\xa5" * 65536)))
+            await asyncio.wait_for(parked.wait(), 10)
+            change = asyncio.ensure_future(reopen(root, {}, read_only=True))
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert not change.done()  # the reopen waits for the write
+            release.set()
+            await asyncio.wait_for(asyncio.gather(write, change), 10)
+
+        layer.run(scenario())
+        assert root.flags.read_only
+    finally:
+        layer.close()
+    reread = BlockLayer()
+    try:
+        bb = reread.new_backend("drive0")
+        reread.run(reread.open_node(filename, {"driver": "qcow2", "read-only": "on"}, backend=bb))
+        data = bytearray(65536)
+        reread.run(bb.preadv(3 * 65536, memoryview(data)))
+        assert data == b"\xa5" * 65536
+    finally:
+        reread.close()

@@ -240,10 +240,18 @@ async def reopen_many(requests: Sequence[tuple[Node, Mapping[str, object], bool]
     for node, options, keep_old in requests:
         _queue(node, dict(options), None, None, entries, keep_old)
     _check_writable_children(entries)
-    for entry in entries.values():
-        if entry.flags.read_only and not entry.node.flags.read_only:
-            # Whatever a node still caches must reach its image before write access ends.
-            await entry.node.flush()
+    # As QEMU drains the queue's nodes: requests in flight finish first (a write whose data is
+    # on its way would otherwise link its cluster into a cache that a read-only node never
+    # writes back), then whatever a node going read-only caches reaches its image. Prepare and
+    # commit below do not yield, so nothing can start between the last check and them.
+    while True:
+        for entry in entries.values():
+            await entry.node.drain()
+        for entry in entries.values():
+            if entry.flags.read_only and not entry.node.flags.read_only:
+                await entry.node.flush()
+        if not any(entry.node.busy for entry in entries.values()):
+            break
     try:
         for entry in entries.values():
             entry.node.driver.reopen_prepare(entry.runtime, entry.flags)

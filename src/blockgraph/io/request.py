@@ -156,6 +156,20 @@ class IONode:
             self._serialising += 1
         return tracked
 
+    @property
+    def busy(self) -> bool:
+        """Whether a request is in flight on this node."""
+        return bool(self._in_flight)
+
+    async def drain(self) -> None:
+        """Wait until the requests in flight on this node have finished (QEMU's drain, without
+        holding new ones back: the caller checks :attr:`busy` after its own awaits)."""
+        while self._in_flight:
+            tracked = self._in_flight[0]
+            if tracked.done is None:
+                tracked.done = asyncio.Event()
+            await tracked.done.wait()
+
     def _end(self, tracked: _Tracked) -> None:
         self._in_flight.remove(tracked)
         if tracked.serialising:

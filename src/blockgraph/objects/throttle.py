@@ -25,7 +25,6 @@ huge number it becomes there.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -209,6 +208,11 @@ class ThrottleState:
         iops_way.add(ops)
 
 
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class ThrottleMember:
     """One member's place in a group: while ``active`` its requests wait for the limits."""
 
@@ -230,9 +234,9 @@ class ThrottleGroup:
         self.members = 0
         # One queue per direction: asyncio.Lock wakes its waiters in FIFO order.
         self._queues = (asyncio.Lock(), asyncio.Lock())
-        # Set (and replaced) whenever waiting requests must look again: new limits, or a
-        # member that left.
-        self._changed = asyncio.Event()
+        # Futures of the requests waiting for their time; resolved early whenever they must
+        # look again (new limits, a member that left).
+        self._waiters: set[asyncio.Future[None]] = set()
 
     @property
     def limits(self) -> ThrottleLimits:
@@ -254,8 +258,9 @@ class ThrottleGroup:
             self._wake()
 
     def _wake(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        for waiter in self._waiters:
+            _resolve(waiter)
+        self._waiters.clear()
 
     async def intercept(self, member: ThrottleMember, is_write: bool, nbytes: int) -> None:
         """Wait until a request of ``nbytes`` may go, then count it."""
@@ -267,9 +272,17 @@ class ThrottleGroup:
                 if delay <= 0:
                     self.state.account(is_write, nbytes)
                     return
-                changed = self._changed
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), delay)
+                # A future and a timer, not asyncio.wait_for: on Python 3.12 that ties itself
+                # to the current task, which during an NBD request's eager first step is the
+                # connection's (see the NBD server's _start).
+                waiter = asyncio.get_running_loop().create_future()
+                self._waiters.add(waiter)
+                timer = asyncio.get_running_loop().call_later(delay, _resolve, waiter)
+                try:
+                    await waiter
+                finally:
+                    timer.cancel()
+                    self._waiters.discard(waiter)
 
 
 __all__ = ["BUCKETS", "LIMIT_KEYS", "MAX_LENGTH", "QMP_MEMBERS", "QUERY_NAMES", "ThrottleGroup",
