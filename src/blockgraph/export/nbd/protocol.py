@@ -439,6 +439,37 @@ class ServerConnection:
             return
         self._in += data
 
+    def payload_target(self) -> memoryview | None:
+        """Where the next bytes from the client go when the caller can receive them in place:
+        the rest of the payload of the WRITE being received, when nothing is buffered ahead of
+        it; None otherwise (then :meth:`receive_data` takes the bytes).
+
+        Receiving into it and reporting the count with :meth:`payload_received` is the same
+        as passing those bytes to :meth:`receive_data`, without copying them.
+        """
+        request = self._pending
+        if request is None or self._in or self.expect is not Expect.WRITE_PAYLOAD:
+            return None
+        assert request.data is not None
+        return memoryview(request.data)[self._filled :]
+
+    def payload_received(self, n: int) -> None:
+        """``n`` bytes were written at the start of the last :meth:`payload_target`."""
+        request = self._pending
+        assert request is not None and self.expect is Expect.WRITE_PAYLOAD and not self._in
+        if not 0 < n <= request.length - self._filled:
+            raise LocalProtocolError(f"{n} bytes do not fit the payload")
+        self._filled += n
+        if self._filled == request.length:
+            event = self._payload_done()
+            if event is not None:
+                self._queued = event
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not parsed yet."""
+        return len(self._in)
+
     def data_to_send(self) -> list[bytes | bytearray | memoryview]:
         """The buffers to write, in order; the list is handed over (and cleared here)."""
         out, self._out = self._out, []

@@ -45,14 +45,11 @@ log = logging.getLogger(__name__)
 
 # Requests of one connection in flight at once (QEMU's NBD_MAX_REQUESTS... is 16).
 MAX_REQUESTS = 16
+# The scratch buffer that receives everything but WRITE payloads (see _Stream).
 _READ_SIZE = 256 * 1024
 _ZERO = int(BlockStatusFlags.ZERO)
 # Reply buffers below this size are joined before they are written (see _Client.flush).
 _JOIN_LIMIT = 64 * 1024
-# The StreamReader stops reading the socket when it buffers more than twice this. asyncio's
-# 64 KiB default paused and resumed reading (two epoll_ctl) for each 256 KiB write request;
-# the kernel's socket buffer still holds back a client that sends faster than we serve.
-_STREAM_LIMIT = 512 * 1024
 # Big reads (see _JOIN_LIMIT) of one connection that hold a buffer at once.
 _BIG_READS = 8
 # The send buffer asked for on unix sockets (the kernel doubles it, caps it at wmem_max).
@@ -194,21 +191,25 @@ class NBDServer:
 
     # -- listening ---------------------------------------------------------------------------
 
+    def _stream(self) -> _Stream:
+        return _Stream(self._accept)
+
     async def listen_unix(self, path: str) -> None:
-        server = await asyncio.start_unix_server(self._accept, path=path, limit=_STREAM_LIMIT)
+        server = await asyncio.get_running_loop().create_unix_server(self._stream, path=path)
         self._servers.append(server)
 
     async def listen_tcp(self, host: str | None, port: int) -> None:
-        server = await asyncio.start_server(self._accept, host=host, port=port, reuse_address=True,
-                                            limit=_STREAM_LIMIT)
+        server = await asyncio.get_running_loop().create_server(self._stream, host=host, port=port,
+                                                                reuse_address=True)
         self._servers.append(server)
 
     async def listen_socket(self, sock: socket.socket) -> None:
         """Serve on an already bound and listening socket."""
+        loop = asyncio.get_running_loop()
         if sock.family == socket.AF_UNIX:
-            server = await asyncio.start_unix_server(self._accept, sock=sock, limit=_STREAM_LIMIT)
+            server = await loop.create_unix_server(self._stream, sock=sock)
         else:
-            server = await asyncio.start_server(self._accept, sock=sock, limit=_STREAM_LIMIT)
+            server = await loop.create_server(self._stream, sock=sock)
         self._servers.append(server)
 
     async def close(self) -> None:
@@ -224,24 +225,23 @@ class NBDServer:
             await server.wait_closed()
         self._servers.clear()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, stream: _Stream) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
         try:
             if self._slots is not None:
                 async with self._slots:
-                    await self._serve(reader, writer)
+                    await self._serve(stream)
             else:
-                await self._serve(reader, writer)
+                await self._serve(stream)
         except asyncio.CancelledError:
-            # Ended by close() or disconnect(), which wait for us. Ending normally keeps
-            # asyncio's stream callback from logging the cancellation as a failure.
+            # Ended by close() or disconnect(), which wait for us.
             pass
         finally:
             self._connections.discard(task)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, writer: _Stream) -> None:
         number = next(self._ids)
         self.clients += 1
         self.served += 1
@@ -256,7 +256,7 @@ class NBDServer:
             with contextlib.suppress(OSError):
                 if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < _SEND_BUFFER:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
-        client = _Client(self, reader, writer, log.getChild(f"client{number}"))
+        client = _Client(self, writer, log.getChild(f"client{number}"))
         client.task = asyncio.current_task()
         self._active.add(client)
         try:
@@ -271,17 +271,206 @@ class NBDServer:
                 self.on_idle()
 
 
+class _Stream(asyncio.BufferedProtocol):
+    """One connection's transport: receives into the protocol's buffers, and offers what the
+    server used of asyncio's StreamWriter (write, drain, close, wait_closed, start_tls).
+
+    A WRITE's payload is received straight into the request's buffer
+    (:meth:`~blockgraph.export.nbd.protocol.ServerConnection.payload_target`): the kernel copies
+    it once. A StreamReader copied it three times (into its buffer, out of it, into the
+    request's), on the loop's only thread. Everything else lands in a scratch buffer and is
+    fed to the protocol from there.
+
+    Reading goes on in the background while the read loop (:meth:`_Client.run`) waits for
+    data, and while a payload is being received. When the loop is busy elsewhere (a full
+    request window, a backed-up socket, a TLS upgrade) and bytes arrive, one request header at
+    most is read and then reading pauses until the loop wants data again: the rest waits in the
+    socket, whose buffer holds back the client, and its payload is then received in place.
+    """
+
+    def __init__(self, accept: Callable[[_Stream], Coroutine[Any, Any, None]]) -> None:
+        self._accept = accept
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # connection_made
+        self._loop = asyncio.get_running_loop()
+        self._conn: P.ServerConnection | None = None
+        self._scratch = memoryview(bytearray(_READ_SIZE))
+        self._target = False  # the last get_buffer() was a payload target
+        self._fed = False  # bytes (or EOF) went to conn since the read loop last looked
+        self._eof = False
+        self._early = bytearray()  # received before attach() (never, with reading paused)
+        self._waiter: asyncio.Future[None] | None = None  # the read loop waits for data
+        self._reading = True
+        self._lost = False
+        self._lost_error: Exception | None = None
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._closed: asyncio.Future[None] = self._loop.create_future()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- asyncio protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        # Nothing is read before the read loop asks (a client waiting for a connection slot
+        # waits in the socket).
+        self.pause_reading()
+        self._task = self._loop.create_task(self._accept(self))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        conn = self._conn
+        if conn is not None:
+            target = conn.payload_target()
+            if target is not None:
+                self._target = True
+                return target
+        self._target = False
+        if self._waiter is None and conn is not None:
+            # The read loop is busy: take a request header only (see the class docstring).
+            return self._scratch[:P.EXPECT_SIZE[P.Expect.REQUEST_HEADER]]
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        conn = self._conn
+        if conn is None:
+            self._early += self._scratch[:nbytes]
+            return
+        if self._target:
+            conn.payload_received(nbytes)
+        else:
+            conn.receive_data(self._scratch[:nbytes])
+        self._fed = True
+        waiter = self._waiter
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(None)
+        elif conn.payload_target() is None:
+            self.pause_reading()
+
+    def eof_received(self) -> bool:
+        self._end()
+        # Keep the transport open for the replies still due (asyncio's StreamReaderProtocol
+        # does the same); TLS cannot half-close.
+        return self.transport.get_extra_info("sslcontext") is None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._lost_error = exc
+        self._end()
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _end(self) -> None:
+        if self._eof:
+            return
+        self._eof = True
+        if self._conn is not None:
+            self._conn.receive_data(b"")
+        self._fed = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # -- the read loop's side ---------------------------------------------------------------------
+
+    def attach(self, conn: P.ServerConnection) -> None:
+        """Feed ``conn`` from now on."""
+        self._conn = conn
+        if self._early:
+            conn.receive_data(self._early)
+            self._early.clear()
+            self._fed = True
+        if self._eof:
+            conn.receive_data(b"")
+            self._fed = True
+
+    def pause_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self.transport.pause_reading()
+
+    async def received(self) -> None:
+        """Return once bytes or EOF went to the connection since the last call."""
+        if not self._fed:
+            if not self._reading and not self._eof:
+                self._reading = True
+                self.transport.resume_reading()
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        self._fed = False
+
+    # -- what the server used of asyncio.StreamWriter -----------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.transport.write(data)
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default)
+
+    def close(self) -> None:
+        self.transport.close()
+
+    async def wait_closed(self) -> None:
+        await self._closed
+
+    async def drain(self) -> None:
+        """As StreamWriter.drain: wait while the transport's buffer is over its high mark.
+
+        :raise ConnectionResetError: the connection is lost.
+        """
+        if self.transport.is_closing():
+            # Let connection_lost() come first (as StreamWriter does): then drain() fails.
+            await asyncio.sleep(0)
+        if self._lost:
+            raise ConnectionResetError("Connection lost")
+        if not self._write_paused:
+            return
+        waiter = self._loop.create_future()
+        self._drain_waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            self._drain_waiters.remove(waiter)
+        if self._lost_error is not None:
+            # Lost with an error while waiting (a clean loss lets the waiter go, as there).
+            raise ConnectionResetError(str(self._lost_error))
+
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        """Upgrade to TLS as the server side; this protocol then receives the clear text."""
+        await self.drain()
+        transport = await self._loop.start_tls(self.transport, self, context, server_side=True)
+        assert transport is not None
+        self.transport = transport
+        self._reading = transport.is_reading()
+
+
 class _Client:
     """One connection: feeds the protocol, runs its requests, writes the replies."""
 
-    def __init__(self, server: NBDServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 logger: logging.Logger) -> None:
+    def __init__(self, server: NBDServer, writer: _Stream, logger: logging.Logger) -> None:
         self.server = server
-        self.reader = reader
         self.writer = writer
         self.log = logger
         self.conn = P.ServerConnection(lookup=server._lookup, listing=server._listing,
                                        tls=server.tls_creds is not None)
+        writer.attach(self.conn)
         self.export: NBDExport | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.broken = False
@@ -355,6 +544,7 @@ class _Client:
                 # asyncio.wait(), which adds and removes a callback on every task each time.
                 self.flush()
                 self._slot_waiter = self._loop.create_future()
+                # (Bytes that arrive meanwhile wait in the socket, see _Stream.get_buffer.)
                 try:
                     await self._slot_waiter
                 finally:
@@ -367,17 +557,16 @@ class _Client:
                 self.flush()
                 if self.writer.transport.get_write_buffer_size():  # see the end of the loop
                     await self.drain()
-                try:
-                    data = await self.reader.read(_READ_SIZE)
-                except (ConnectionError, OSError):
-                    data = b""
-                conn.receive_data(data)
+                # The transport feeds conn itself (see _Stream); a lost connection is EOF.
+                await self.writer.received()
                 continue
             elif isinstance(event, P.TransmissionStarted):
                 self.export = self.server.exports[event.export.name]
                 self.log.debug("transmission on export %r (structured=%s, contexts=%s)",
                                event.export.name, event.structured, event.contexts)
             elif isinstance(event, P.StartTLS):
+                # What the client sends from now on is for the TLS layer.
+                self.writer.pause_reading()
                 self.flush()
                 await self.drain()
                 if not await self._start_tls():
