@@ -366,3 +366,110 @@ _MESSAGES = st.sampled_from([
 def test_fuzz_message_soup(messages: list[bytes], chunking: list[int]) -> None:
     conn = _conn(EXPORT, NAMED)
     _drain(conn, struct.pack(">I", 3) + b"".join(messages), chunking)
+
+
+# -- receiving payloads in place -----------------------------------------------------------------
+
+
+def _run_in_place(conn: P.ServerConnection, data: bytes, chunking: list[int],
+                  in_place: bool) -> tuple[list[P.Event], bytes, int]:
+    """Feed ``data`` in chunks as the server does; ``in_place``: a WRITE's payload goes where
+    :meth:`~P.ServerConnection.payload_target` says (at most a chunk at a time).
+    Returns the events, the bytes sent and how many bytes were received in place."""
+    events: list[P.Event] = []
+    sent = b""
+    pos = 0
+    placed = 0
+    i = 0
+    sizes = chunking or [len(data) or 1]
+    while pos < len(data):
+        n = sizes[i % len(sizes)]
+        i += 1
+        target = conn.payload_target() if in_place else None
+        if target is not None:
+            n = min(n, len(target), len(data) - pos)
+            target[:n] = data[pos : pos + n]
+            conn.payload_received(n)
+            placed += n
+        else:
+            conn.receive_data(data[pos : pos + n])
+        pos += n
+        while not isinstance(event := conn.next_event(), P.NeedData):
+            events.append(event)
+            if isinstance(event, P.Request) and event.command != P.CMD_READ:
+                conn.reply_ok(event.cookie)
+            elif isinstance(event, P.Request):
+                conn.reply_read(event.cookie, event.offset, [(event.offset, event.length)])
+        sent += _sent(conn)
+    conn.receive_data(b"")
+    while not isinstance(event := conn.next_event(), P.NeedData):
+        events.append(event)
+    return events, sent + _sent(conn), placed
+
+
+_WRITES = st.sampled_from([
+    P.request_header(1, P.CMD_WRITE, 0, 3) + b"abc",
+    P.request_header(2, P.CMD_WRITE, 4096, 700) + bytes(range(100)) * 7,
+    P.request_header(3, P.CMD_WRITE, 8 * MiB - 10, 20) + b"w" * 20,  # past EOF: an error reply
+    P.request_header(4, P.CMD_WRITE, 0, 0),
+    P.request_header(5, P.CMD_READ, 0, 512),
+    P.request_header(6, P.CMD_FLUSH, 0, 0),
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_WRITES, max_size=10), st.lists(st.integers(1, 900), max_size=8), st.booleans())
+def test_payload_in_place_is_receive_data(messages: list[bytes], chunking: list[int],
+                                          truncate: bool) -> None:
+    data = b"".join(messages)
+    if truncate and data:
+        data = data[:-1]  # EOF inside the last message
+    expected = _run_in_place(_transmission(), data, chunking, in_place=False)
+    got = _run_in_place(_transmission(), data, chunking, in_place=True)
+    assert got[:2] == expected[:2]
+    assert expected[2] == 0
+
+
+def test_payload_target_is_the_request_buffer() -> None:
+    conn = _transmission()
+    assert conn.payload_target() is None
+    conn.receive_data(P.request_header(7, P.CMD_WRITE, 0, 1000) + b"a" * 100)
+    assert isinstance(conn.next_event(), P.NeedData)
+    target = conn.payload_target()
+    assert target is not None and len(target) == 900
+    target[:500] = b"b" * 500
+    conn.payload_received(500)
+    assert isinstance(conn.next_event(), P.NeedData)
+    target = conn.payload_target()
+    assert target is not None and len(target) == 400
+    with pytest.raises(P.LocalProtocolError):
+        conn.payload_received(401)
+    target[:] = b"c" * 400
+    conn.payload_received(400)
+    assert conn.payload_target() is None
+    assert conn.next_event() == P.Request(7, P.CMD_WRITE, 0, 0, 1000, bytearray(b"a" * 100 + b"b" * 500 + b"c" * 400))
+    # Bytes buffered ahead of a payload keep it from being received in place.
+    conn.receive_data(P.request_header(8, P.CMD_WRITE, 0, 10) + b"x")
+    assert isinstance(conn.next_event(), P.NeedData)
+    assert conn.payload_target() is not None
+    conn.receive_data(b"y" * 9 + P.request_header(9, P.CMD_WRITE, 0, 10))
+    assert conn.buffered == 28
+    assert conn.payload_target() is None
+    assert conn.next_event() == P.Request(8, P.CMD_WRITE, 0, 0, 10, bytearray(b"x" + b"y" * 9))
+    assert isinstance(conn.next_event(), P.NeedData)
+    assert conn.buffered == 0 and conn.payload_target() is not None
+
+
+def test_payload_buffer_hook() -> None:
+    taken: list[int] = []
+
+    def take(size: int) -> bytearray:
+        taken.append(size)
+        return bytearray(b"\xff" * size)  # not zeroed: the payload overwrites it all
+
+    conn = P.ServerConnection(exports={"": EXPORT}, payload_buffer=take)
+    events = _feed(conn, struct.pack(">I", 3) + _go())
+    assert isinstance(events[-1], P.TransmissionStarted)
+    assert _feed(conn, P.request_header(1, P.CMD_WRITE, 0, 4) + b"ab") == []
+    assert _feed(conn, b"cd") == [P.Request(1, P.CMD_WRITE, 0, 0, 4, bytearray(b"abcd"))]
+    assert taken == [4]

@@ -312,3 +312,104 @@ def test_unexpected_exception_is_answered_with_eio(tmp_path: Path) -> None:
     _run(tmp_path, test)
 
 
+
+
+def _client_of(server: S.NBDServer) -> Any:
+    (client,) = server._active
+    return client
+
+
+def _write_inline(file_node: Node) -> None:
+    """Writes of ``file_node`` done in the loop's thread: no worker thread keeps a reference
+    to the last buffer it wrote (see _PayloadBuffers)."""
+    path = file_node.driver.filename() or ""
+
+    async def pwritev(offset: int, buf: memoryview, flags: RequestFlags) -> None:
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(buf)
+
+    file_node.driver.pwritev = pwritev  # type: ignore[method-assign]
+
+
+def test_big_write_payload_is_received_in_place_and_its_buffer_reused(tmp_path: Path) -> None:
+    size = 256 * 1024
+
+    async def test(client: Client, gate: Gate, server: S.NBDServer, file_node: Node) -> None:
+        _write_inline(file_node)
+        first = bytes(range(256)) * (size // 256)
+        # In pieces: the header, part of the payload, the rest (each drained).
+        message = P.request_header(1, P.CMD_WRITE, 0, size) + first
+        for start, end in ((0, 28), (28, 1000), (1000, len(message))):
+            client.writer.write(message[start:end])
+            await client.writer.drain()
+        assert await client.reply() == (1, 0, b"")
+        buffers = _client_of(server)._payload_buffers
+        assert len(buffers.free) == 1  # given back once the write completed
+        assert buffers.free[0] == first
+        # The next write of that size takes it (else it would still be in the list, beside
+        # the new one); nothing of the first payload remains.
+        second = b"\x5a" * size
+        client.send(2, P.CMD_WRITE, size, size, second)
+        assert await client.reply() == (2, 0, b"")
+        assert len(buffers.free) == 1 and buffers.free[0] == second
+        client.send(3, P.CMD_READ, 0, 2 * size)
+        assert await client.reply(2 * size) == (3, 0, first + second)
+        await client.close()
+
+    _run(tmp_path, test)
+
+
+def test_a_held_write_buffer_is_not_reused(tmp_path: Path) -> None:
+    size = 128 * 1024
+    kept: list[memoryview] = []
+
+    async def test(client: Client, gate: Gate, server: S.NBDServer, file_node: Node) -> None:
+        _write_inline(file_node)
+        inline = file_node.driver.pwritev
+
+        async def keeping(offset: int, buf: memoryview, flags: RequestFlags) -> None:
+            kept.append(buf)  # a node that keeps what it was given
+            await inline(offset, buf, flags)
+
+        file_node.driver.pwritev = keeping  # type: ignore[method-assign]
+        client.send(1, P.CMD_WRITE, 0, size, b"\x01" * size)
+        assert await client.reply() == (1, 0, b"")
+        client.send(2, P.CMD_WRITE, size, size, b"\x02" * size)
+        assert await client.reply() == (2, 0, b"")
+        assert bytes(kept[0]) == b"\x01" * size
+        assert bytes(kept[1]) == b"\x02" * size
+        client.send(3, P.CMD_READ, 0, 2 * size)
+        assert await client.reply(2 * size) == (3, 0, b"\x01" * size + b"\x02" * size)
+        await client.close()
+
+    _run(tmp_path, test)
+
+
+def test_reading_pauses_while_the_window_is_full(tmp_path: Path) -> None:
+    held = {i * 4096 for i in range(S.MAX_REQUESTS)}
+    size = 128 * 1024
+
+    async def test(client: Client, gate: Gate, server: S.NBDServer, file_node: Node) -> None:
+        for i in range(S.MAX_REQUESTS):
+            client.send(100 + i, P.CMD_WRITE, i * 4096, 4096, bytes([i]) * 4096)
+        for _ in range(S.MAX_REQUESTS):
+            await gate.entered.get()
+        payload = b"\x77" * size
+        client.send(1, P.CMD_WRITE, 512 * 1024, size, payload)
+        client.send(2, P.CMD_FLUSH, 0, 0)
+        # Let the server's loop (this loop) run: it reads one request header at most and
+        # stops reading; the payload waits in the socket.
+        for _ in range(20):
+            await asyncio.sleep(0)
+        conn = _client_of(server).conn
+        assert conn.buffered <= P.EXPECT_SIZE[P.Expect.REQUEST_HEADER]
+        assert conn.payload_target() is None
+        gate.release.set()
+        cookies = {(await client.reply())[0] for _ in range(S.MAX_REQUESTS + 2)}
+        assert cookies == {100 + i for i in range(S.MAX_REQUESTS)} | {1, 2}
+        client.send(3, P.CMD_READ, 512 * 1024, size)
+        assert await client.reply(size) == (3, 0, payload)
+        await client.close()
+
+    _run(tmp_path, test, held=held)

@@ -391,12 +391,16 @@ class ServerConnection:
     :param exports: the export catalogue by name; read when the client asks.
     :param lookup: optional callable used instead of ``exports`` (exports added later).
     :param tls: TLS is required before any option but ``STARTTLS``.
+    :param payload_buffer: allocates the buffer a WRITE's payload is received into when it
+        does not arrive with its header (``bytearray``, zeroed, by default); every byte of it
+        is written before the request comes out.
     """
 
     exports: Mapping[str, ExportInfo] = field(default_factory=dict)
     lookup: Callable[[str], ExportInfo | None] | None = None
     listing: Callable[[], Iterable[ExportInfo]] | None = None
     tls: bool = False
+    payload_buffer: Callable[[int], bytearray] = bytearray
 
     phase: Phase = Phase.HANDSHAKE
     expect: Expect = Expect.CLIENT_FLAGS
@@ -807,7 +811,7 @@ class ServerConnection:
                 raise _Violation("Request handling failed in intermediate state")
             return None
         if command == CMD_WRITE:
-            request.data = bytearray(length)
+            request.data = self.payload_buffer(length)
             self._pending = request
             self._filled = 0
             self.expect = Expect.WRITE_PAYLOAD
