@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 MAX_REQUESTS = 16
 # The scratch buffer that receives everything but WRITE payloads (see _Stream).
 _READ_SIZE = 256 * 1024
+_HEADER_SIZE = P.EXPECT_SIZE[P.Expect.REQUEST_HEADER]
 _ZERO = int(BlockStatusFlags.ZERO)
 # Reply buffers below this size are joined before they are written (see _Client.flush).
 _JOIN_LIMIT = 64 * 1024
@@ -336,7 +337,8 @@ class _Stream(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         self._conn: P.ServerConnection | None = None
         self._scratch = memoryview(bytearray(_READ_SIZE))
-        self._target = False  # the last get_buffer() was a payload target
+        self._target = 0  # the size of the payload target get_buffer() returned, or 0
+        self._header_next = False  # see get_buffer
         self._fed = False  # bytes (or EOF) went to conn since the read loop last looked
         self._eof = False
         self._early = bytearray()  # received before attach() (never, with reading paused)
@@ -364,12 +366,16 @@ class _Stream(asyncio.BufferedProtocol):
         if conn is not None:
             target = conn.payload_target()
             if target is not None:
-                self._target = True
+                self._target = len(target)
                 return target
-        self._target = False
-        if self._waiter is None and conn is not None:
-            # The read loop is busy: take a request header only (see the class docstring).
-            return self._scratch[:P.EXPECT_SIZE[P.Expect.REQUEST_HEADER]]
+        self._target = 0
+        if self._header_next or (self._waiter is None and conn is not None):
+            # A request header only. Either the read loop is busy (see the class docstring),
+            # or a payload just ended in place: the next request is probably another big
+            # write, whose payload would otherwise be read into the scratch buffer with its
+            # header, and copied from there twice (into the protocol's buffer, then into the
+            # request's); the read loop parses the header before the next read.
+            return self._scratch[:_HEADER_SIZE]
         return self._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -379,8 +385,10 @@ class _Stream(asyncio.BufferedProtocol):
             return
         if self._target:
             conn.payload_received(nbytes)
+            self._header_next = nbytes == self._target
         else:
             conn.receive_data(self._scratch[:nbytes])
+            self._header_next = False
         self._fed = True
         waiter = self._waiter
         if waiter is not None:
