@@ -470,6 +470,12 @@ class ServerConnection:
                 self._queued = event
 
     @property
+    def payload_length(self) -> int:
+        """The length of the WRITE whose payload is being received (0: none)."""
+        request = self._pending
+        return request.length if request is not None else 0
+
+    @property
     def buffered(self) -> int:
         """Bytes received and not parsed yet."""
         return len(self._in)

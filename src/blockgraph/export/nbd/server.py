@@ -338,6 +338,7 @@ class _Stream(asyncio.BufferedProtocol):
         self._conn: P.ServerConnection | None = None
         self._scratch = memoryview(bytearray(_READ_SIZE))
         self._target = 0  # the size of the payload target get_buffer() returned, or 0
+        self._target_big = False
         self._header_next = False  # see get_buffer
         self._fed = False  # bytes (or EOF) went to conn since the read loop last looked
         self._eof = False
@@ -366,7 +367,11 @@ class _Stream(asyncio.BufferedProtocol):
         if conn is not None:
             target = conn.payload_target()
             if target is not None:
+                # Only the end of a payload too big for the scratch buffer makes the next
+                # read a header's (see below): smaller writes would all be read in two parts
+                # then, each part a loop iteration.
                 self._target = len(target)
+                self._target_big = conn.payload_length >= _READ_SIZE
                 return target
         self._target = 0
         if self._header_next or (self._waiter is None and conn is not None):
@@ -385,7 +390,7 @@ class _Stream(asyncio.BufferedProtocol):
             return
         if self._target:
             conn.payload_received(nbytes)
-            self._header_next = nbytes == self._target
+            self._header_next = self._target_big and nbytes == self._target
         else:
             conn.receive_data(self._scratch[:nbytes])
             self._header_next = False
