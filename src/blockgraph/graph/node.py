@@ -348,20 +348,12 @@ class BlockBackend:
             member.group.configure(limits)
 
     async def drain(self) -> None:
-        """Wait until no request is in flight; throttled ones go without waiting meanwhile
-        (QEMU's ``blk_drain``). New requests may start afterwards."""
-        member = self.io_limits
-        if member is not None:
-            # Leaving lets the waiting requests go; the same limits are taken up again after.
-            self.set_io_limits(None)
+        """Wait until no request is in flight (QEMU's ``blk_drain``); new ones may start
+        afterwards. Requests waiting for throttle limits wait on: a caller that wants them to
+        go ends the throttling first (:meth:`set_io_limits` with None)."""
         while self.in_flight:
             self._drained = self._drained or asyncio.Event()
             await self._drained.wait()
-        if member is not None and self.io_limits is None:
-            self.set_io_limits(member.group.limits, member.group.name)
-
-    def _begin(self) -> None:
-        self.in_flight += 1
 
     def _end(self) -> None:
         self.in_flight -= 1
