@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
+import socket
 import struct
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
@@ -27,7 +29,7 @@ if str(Path(__file__).resolve().parents[2]) not in sys.path:
 
 from tests.support.graphutil import make_raw  # noqa: E402
 
-from blockgraph.drivers.base import RequestFlags  # noqa: E402
+from blockgraph.drivers.base import FileRange, RequestFlags  # noqa: E402
 from blockgraph.errors import IOFailure  # noqa: E402
 from blockgraph.export.nbd import protocol as P  # noqa: E402
 from blockgraph.export.nbd import server as S  # noqa: E402
@@ -413,3 +415,108 @@ def test_reading_pauses_while_the_window_is_full(tmp_path: Path) -> None:
         await client.close()
 
     _run(tmp_path, test, held=held)
+
+
+class _SendfileSpy:
+    """Records what os.sendfile was asked and did; ``fallbacks`` counts file ranges that were
+    read into memory instead (the socket was full, or the file ended early)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sent = 0
+        self.partial = 0
+        self.fallbacks = 0
+        real_sendfile = os.sendfile
+        real_read_range = S._read_range
+
+        def sendfile(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+            try:
+                n = real_sendfile(out_fd, in_fd, offset, count)
+            except BlockingIOError:
+                self.partial += 1
+                raise
+            self.sent += n
+            if n < count:
+                self.partial += 1
+            return n
+
+        def read_range(piece: FileRange) -> bytearray:
+            self.fallbacks += 1
+            return real_read_range(piece)
+
+        monkeypatch.setattr(S.os, "sendfile", sendfile)
+        monkeypatch.setattr(S, "_read_range", read_range)
+
+
+def test_big_reads_are_sent_from_the_page_cache(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = _SendfileSpy(monkeypatch)
+    size = 256 * 1024
+    data = os.urandom(size)
+
+    async def test(client: Client, gate: Gate, server: S.NBDServer, file_node: Node) -> None:
+        client.send(1, P.CMD_WRITE, 4096, size, data)  # now in the page cache
+        assert await client.reply() == (1, 0, b"")
+        client.send(2, P.CMD_READ, 4096, size)
+        assert await client.reply(size) == (2, 0, data)
+        # Small reads are read into memory and joined with other replies.
+        client.send(3, P.CMD_READ, 4096, 4096)
+        assert await client.reply(4096) == (3, 0, data[:4096])
+        await client.close()
+
+    _run(tmp_path, test)
+    assert spy.sent == size and spy.fallbacks == 0
+
+
+def test_replies_stay_whole_and_in_order_when_the_socket_fills(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = _SendfileSpy(monkeypatch)
+    data = os.urandom(SIZE)
+    count = 16  # 16 MiB of replies: far more than a unix socket's buffer
+
+    async def test(client: Client, gate: Gate, server: S.NBDServer, file_node: Node) -> None:
+        client.send(1, P.CMD_WRITE, 0, SIZE, data)
+        assert await client.reply() == (1, 0, b"")
+        for i in range(count):
+            client.send(100 + i, P.CMD_READ, 0, SIZE)
+        # The server answers them in its own turn of the loop, before this client reads any:
+        # the socket fills, and what it does not take goes through the transport.
+        for i in range(count):
+            assert await client.reply(SIZE) == (100 + i, 0, data)
+        await client.close()
+
+    _run(tmp_path, test)
+    assert spy.fallbacks >= 1
+    assert spy.sent + spy.fallbacks * SIZE >= count * SIZE
+
+
+def test_a_file_range_past_the_end_of_its_file_is_sent_as_zeroes(tmp_path: Path) -> None:
+    path = tmp_path / "short"
+    path.write_bytes(b"\x07" * 6000)
+    released: list[int] = []
+
+    async def test() -> bytes:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+
+        async def accept(stream: S._Stream) -> None:
+            return None
+
+        stream = S._Stream(accept)
+        await loop.create_unix_connection(lambda: stream, sock=ours)
+        assert stream.sends_files
+        fd = os.open(path, os.O_RDONLY)
+        # The file shrank after the range was made: what it no longer has reads as zeroes.
+        stream.send([b"head", FileRange(fd, 4096, 8192, lambda: released.append(fd)),
+                     b"tail"])
+        stream.close()
+        await stream.wait_closed()
+        os.close(fd)
+        received = bytearray()
+        while chunk := theirs.recv(65536):
+            received += chunk
+        theirs.close()
+        return bytes(received)
+
+    received = asyncio.run(test())
+    assert received == b"head" + b"\x07" * (6000 - 4096) + bytes(8192 - (6000 - 4096)) + b"tail"
+    assert len(released) == 1

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -107,6 +107,39 @@ class NodeFlags:
     no_io: bool = False
 
 
+class FileRange:
+    """Where the bytes of a read lie: ``length`` bytes at ``offset`` of the open file ``fd``.
+
+    A caller that only passes a read's data on (an NBD server sending it to a socket) can
+    have the kernel copy it from the page cache with ``sendfile``, instead of reading it into
+    memory and sending it from there: one copy of every byte instead of two, none of them on
+    the event loop's thread in Python. The range keeps the file open (a close or reopen of
+    its node retires the fd only) until :meth:`release`, which the holder must call once,
+    when done with it.
+
+    The bytes are read when they are sent, not when the range was made: as with any read that
+    runs concurrently with a write to the same place, what it returns is either. A file that
+    shrank meanwhile reads as zeroes past its new end.
+    """
+
+    __slots__ = ("fd", "offset", "length", "_release")
+
+    def __init__(self, fd: int, offset: int, length: int, release: Callable[[], None]) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.length = length
+        self._release: Callable[[], None] | None = release
+
+    def __len__(self) -> int:
+        return self.length
+
+    def release(self) -> None:
+        """Let the file go (once; later calls do nothing)."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
 class ChildAccess(Protocol):
     """A driver's view of one child: that child node's request layer."""
 
@@ -140,6 +173,8 @@ class ChildAccess(Protocol):
     async def truncate(self, length: int, prealloc: PreallocMode = "off") -> None: ...
 
     async def block_status(self, offset: int, length: int) -> BlockStatus: ...
+
+    def map_read(self, offset: int, length: int) -> FileRange | None: ...
 
 
 async def fire_debug_event(child: ChildAccess | None, event: str) -> None:
@@ -273,6 +308,16 @@ class BlockDriver:
 
     async def pwritev(self, offset: int, buf: memoryview, flags: RequestFlags) -> None:
         raise IOFailure(ENOTSUP)
+
+    def map_read(self, offset: int, length: int) -> FileRange | None:
+        """The file range that holds ``[offset, offset + length)`` (see :class:`FileRange`),
+        for a read that is to be copied in the kernel; None when the data does not lie whole
+        in one range of a plain file whose pages are all in the page cache (then the caller
+        reads with :meth:`preadv`, which may wait for the disk: this must not).
+
+        Drivers that transform or check their data never map; the default does not.
+        """
+        return None
 
     async def pwrite_zeroes(self, offset: int, length: int, flags: RequestFlags) -> None:
         """Write zeroes natively; ``IOFailure(ENOTSUP)`` makes the request layer write a buffer."""

@@ -12,6 +12,7 @@ import asyncio
 import errno
 import mmap
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from blockgraph.drivers import workers
@@ -19,6 +20,7 @@ from blockgraph.drivers.base import (
     BlockDriver,
     BlockStatus,
     BlockStatusFlags,
+    FileRange,
     NodeFlags,
     OpenContext,
     PreallocMode,
@@ -50,6 +52,48 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         _libc = libc
     if _libc.fallocate(fd, mode, offset, length) != 0:
         raise IOFailure(ctypes.get_errno())
+
+
+_PAGE = mmap.PAGESIZE
+# cachestat(2) (Linux 6.5): how many pages of a file range the page cache holds. The number
+# is the same on every architecture (the generic system call table).
+_SYS_CACHESTAT = 451
+_cachestat: Callable[[int, int, int], int | None] | None = None
+
+
+def _bind_cachestat() -> Callable[[int, int, int], int | None]:
+    import ctypes
+
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    syscall = _libc.syscall
+
+    class Range(ctypes.Structure):
+        _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+    class Stat(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_uint64) for name in (
+            "nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+    # One pair for all calls: only the event loop's thread asks.
+    span = Range()
+    stat = Stat()
+    span_ref = ctypes.byref(span)
+    stat_ref = ctypes.byref(stat)
+    number = ctypes.c_long(_SYS_CACHESTAT)
+    flags = ctypes.c_uint(0)
+
+    def cached_pages(fd: int, offset: int, length: int) -> int | None:
+        """Pages of ``[offset, offset + length)`` (page-aligned) in the page cache; None
+        when the kernel cannot tell (no cachestat, or not for this file)."""
+        span.off = offset
+        span.len = length
+        if syscall(number, ctypes.c_int(fd), span_ref, stat_ref, flags) != 0:
+            return None
+        return int(stat.nr_cache)
+
+    return cached_pages
 
 
 # Requests from this size on run in a worker thread (QEMU's aio=threads); smaller ones run
@@ -209,6 +253,8 @@ class FileDriver(BlockDriver):
         self._data_extent: tuple[int, int] | None = None
         # Whether reads may try RWF_NOWAIT first (cleared when the file system refuses it).
         self._nowait = _RWF_NOWAIT != 0
+        # Whether map_read may ask cachestat (cleared when the kernel cannot answer).
+        self._cachestat = True
 
     @classmethod
     def parse_filename(cls, filename: str, options: dict[str, Any]) -> None:
@@ -323,6 +369,28 @@ class FileDriver(BlockDriver):
         if got < length:
             # Past the end of a file reads as zeroes, as a hole would.
             buf[got:] = bytes(length - got)
+
+    def map_read(self, offset: int, length: int) -> FileRange | None:
+        # Only what the page cache holds in full: sendfile of anything else would wait for
+        # the disk on the event loop's thread (preadv sends that to a worker thread).
+        # O_DIRECT files bypass the cache; past the end preadv makes the zeroes.
+        if self.flags.direct or not self._cachestat or self._fd is None:
+            return None
+        if offset + length > self.getlength():
+            return None
+        global _cachestat
+        if _cachestat is None:
+            _cachestat = _bind_cachestat()
+        first = offset - offset % _PAGE
+        end = -(-(offset + length) // _PAGE) * _PAGE
+        cached = _cachestat(self.fd, first, end - first)
+        if cached is None:
+            self._cachestat = False
+            return None
+        if cached < (end - first) // _PAGE:
+            return None
+        fd = self._hold_fd()
+        return FileRange(fd.fd, offset, length, fd.release)
 
     async def pwritev(self, offset: int, buf: memoryview, flags: RequestFlags) -> None:
         write = _write_direct if self.flags.direct else _write_full

@@ -22,6 +22,7 @@ from blockgraph.drivers.base import (
     BlockDriver,
     BlockStatus,
     ChildRole,
+    FileRange,
     NodeFlags,
     PreallocMode,
     RequestFlags,
@@ -99,6 +100,9 @@ class Child:
 
     def block_status(self, offset: int, length: int) -> Coroutine[Any, Any, BlockStatus]:
         return self.node.block_status(offset, length)
+
+    def map_read(self, offset: int, length: int) -> FileRange | None:
+        return self.node.map_read(offset, length)
 
     @property
     def debug_event(self) -> Callable[[str], Awaitable[None]] | None:
@@ -408,6 +412,24 @@ class BlockBackend:
             self._end()
         stats.rd_operations += 1
         stats.rd_bytes += length
+
+    def map_read(self, offset: int, length: int) -> FileRange | None:
+        """Where the root's file holds ``[offset, offset + length)``, for a read that the
+        caller copies in the kernel (see :meth:`IONode.map_read`); None: use :meth:`preadv`.
+
+        Throttled reads are not mapped: they wait for their turn in preadv.
+        """
+        root = self.root
+        if root is None or self.io_limits is not None:
+            return None
+        if offset < 0 or length <= 0 or offset + length > root.getlength():
+            return None
+        mapped = root.map_read(offset, length, True)
+        if mapped is not None:
+            stats = self.stats
+            stats.rd_operations += 1
+            stats.rd_bytes += length
+        return mapped
 
     async def pwritev(self, offset: int, buf: memoryview, flags: RequestFlags = RequestFlags.NONE) -> None:
         """Write; a writethrough BlockBackend adds FUA so the data is stable on return."""

@@ -23,6 +23,7 @@ from blockgraph.drivers.base import (
     BlockDriver,
     BlockStatus,
     BlockStatusFlags,
+    FileRange,
     NodeFlags,
     PreallocMode,
     RequestFlags,
@@ -231,6 +232,29 @@ class IONode:
         finally:
             self._end(tracked)
         buf[:] = memoryview(bounce)[head : head + length]
+
+    def map_read(self, offset: int, length: int, in_range: bool = False) -> FileRange | None:
+        """Where the file holds ``[offset, offset + length)``, for a read whose caller copies
+        it in the kernel (see :meth:`BlockDriver.map_read`); None: read it with
+        :meth:`preadv`. A mapped range counts as a read of this node.
+
+        As an aligned read does, it goes straight to the driver; one that needs padding to
+        the driver's alignment is not mapped.
+        """
+        if length <= 0:
+            return None
+        driver = self.driver
+        if not in_range and (offset < 0 or offset + length > self.getlength()):
+            return None
+        align = driver.request_alignment
+        if offset % align or length % align:
+            return None
+        mapped = driver.map_read(offset, length)
+        if mapped is not None:
+            stats = self.stats
+            stats.rd_operations += 1
+            stats.rd_bytes += length
+        return mapped
 
     # -- writes -----------------------------------------------------------------------------
 

@@ -38,8 +38,14 @@ import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from blockgraph.drivers.base import FileRange
+
 # The spec constants live in a lower layer, for the client driver; re-exported from here.
 from blockgraph.drivers.nbd.wire import *  # noqa: F403
+
+# What the protocol hands its caller to write: bytes, or the file range of a read's data,
+# which this sans-IO core only passes on (the caller sends it).
+Outgoing = bytes | bytearray | memoryview | FileRange
 
 # qemu:dirty-bitmap:NAME (exported bitmap i has context id 2 + i, as in QEMU 7.2).
 STATE_DIRTY = 1 << 0
@@ -413,7 +419,7 @@ class ServerConnection:
 
     def __post_init__(self) -> None:
         self._in = bytearray()
-        self._out: list[bytes | bytearray | memoryview] = [greeting()]
+        self._out: list[Outgoing] = [greeting()]
         self._meta = _MetaSelection()
         self._contexts: tuple[tuple[int, str], ...] = ()
         self._option = 0
@@ -480,8 +486,9 @@ class ServerConnection:
         """Bytes received and not parsed yet."""
         return len(self._in)
 
-    def data_to_send(self) -> list[bytes | bytearray | memoryview]:
-        """The buffers to write, in order; the list is handed over (and cleared here)."""
+    def data_to_send(self) -> list[Outgoing]:
+        """The buffers (and file ranges of read replies) to write, in order; the list is
+        handed over (and cleared here)."""
         out, self._out = self._out, []
         return out
 
@@ -962,11 +969,13 @@ class ServerConnection:
         if self._finish(cookie):
             self._error_reply(cookie, error, message)
 
-    def reply_read(self, cookie: int, offset: int, pieces: Sequence[tuple[int, memoryview | int]],
+    def reply_read(self, cookie: int, offset: int,
+                   pieces: Sequence[tuple[int, memoryview | int | FileRange]],
                    df: bool = False) -> None:
         """Answer a READ of the range starting at ``offset``.
 
-        ``pieces`` cover the request in order: each is (offset, data) or (offset, hole length).
+        ``pieces`` cover the request in order: each is (offset, data) or (offset, hole length);
+        data may be a file range, which goes out as it is, for the caller to send.
         With structured replies data becomes ``OFFSET_DATA`` chunks and holes ``OFFSET_HOLE``
         chunks (``df``: the caller passes one data piece), the last flagged DONE; a zero-length
         read is a lone ``NONE`` chunk. Without, one simple reply followed by all the bytes.

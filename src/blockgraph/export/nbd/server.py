@@ -33,7 +33,7 @@ from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from blockgraph.drivers.base import BlockStatusFlags, RequestFlags
+from blockgraph.drivers.base import BlockStatusFlags, FileRange, RequestFlags
 from blockgraph.errors import BlockError, IOFailure
 from blockgraph.export.nbd import protocol as P
 from blockgraph.export.nbd.status import chain_status, extents
@@ -57,6 +57,10 @@ _PAYLOAD_BUFFER_BYTES = 16 * 1024 * 1024
 _BIG_READS = 8
 # The send buffer asked for on unix sockets (the kernel doubles it, caps it at wmem_max).
 _SEND_BUFFER = 1024 * 1024
+# The plain socket transport, whose socket _Stream writes to itself (see _Stream.send).
+_PLAIN_TRANSPORT: type | None = getattr(selector_events, "_SelectorSocketTransport", None)
+# The most buffers one writev() takes (IOV_MAX on Linux).
+_IOV_MAX = 1024
 # Whether a buffer passed to the transport's write() is free again once write() returned:
 # asyncio's plain socket transport sends what it can at once and copies the rest into its own
 # buffer (CPython 3.11, selector_events._SelectorSocketTransport.write); 3.12 keeps a
@@ -314,6 +318,19 @@ class NBDServer:
                 self.on_idle()
 
 
+def _read_range(piece: FileRange) -> bytearray:
+    """The bytes of ``piece``, read from its file (zeroes past its end)."""
+    data = bytearray(piece.length)
+    view = memoryview(data)
+    done = 0
+    while done < piece.length:
+        n = os.preadv(piece.fd, [view[done:]], piece.offset + done)
+        if not n:
+            break
+        done += n
+    return data
+
+
 class _Stream(asyncio.BufferedProtocol):
     """One connection's transport: receives into the protocol's buffers, and offers what the
     server used of asyncio's StreamWriter (write, drain, close, wait_closed, start_tls).
@@ -329,6 +346,14 @@ class _Stream(asyncio.BufferedProtocol):
     request window, a backed-up socket, a TLS upgrade) and bytes arrive, one request header at
     most is read and then reading pauses until the loop wants data again: the rest waits in the
     socket, whose buffer holds back the client, and its payload is then received in place.
+
+    Sending (:meth:`send`) on a plain socket writes to the socket itself while the transport
+    has nothing buffered: the buffers of several replies in one ``writev``, and the file
+    ranges of read replies with ``sendfile``, which copies page-cache pages to the socket
+    without the bytes ever coming into this process (QEMU reads them into memory first, then
+    sends them: two copies). What the socket does not take at once goes to the transport,
+    which buffers it (a file range is read for it), and everything after it too, until the
+    transport has sent its buffer: that keeps the order. TLS goes through the transport.
     """
 
     def __init__(self, accept: Callable[[_Stream], Coroutine[Any, Any, None]]) -> None:
@@ -351,12 +376,19 @@ class _Stream(asyncio.BufferedProtocol):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._task: asyncio.Task[None] | None = None
+        # The socket, written to directly (see send); -1: everything goes through the
+        # transport (TLS).
+        self._fd = -1
 
     # -- asyncio protocol ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        if type(transport) is _PLAIN_TRANSPORT:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                self._fd = sock.fileno()
         # Nothing is read before the read loop asks (a client waiting for a connection slot
         # waits in the socket).
         self.pause_reading()
@@ -470,8 +502,101 @@ class _Stream(asyncio.BufferedProtocol):
 
     # -- what the server used of asyncio.StreamWriter -----------------------------------------------
 
+    @property
+    def sends_files(self) -> bool:
+        """Whether :meth:`send` takes file ranges (a plain socket, not TLS)."""
+        return self._fd >= 0
+
+    def write_buffer_size(self) -> int:
+        """Bytes waiting to be sent (the transport's buffer)."""
+        return self.transport.get_write_buffer_size()
+
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.transport.write(data)
+
+    def send(self, items: list[P.Outgoing]) -> None:
+        """Send ``items`` in order; what the socket does not take at once is buffered.
+
+        A caller may reuse a buffer once this returned only where the transport copies what it
+        buffers (see ``_COPYING_TRANSPORT``). Every file range is released.
+        """
+        transport = self.transport
+        fd = self._fd
+        if fd < 0 or transport.is_closing() or transport.get_write_buffer_size():
+            self._to_transport(items, 0)
+            return
+        count = len(items)
+        i = 0
+        while i < count:
+            item = items[i]
+            if type(item) is FileRange:
+                if not self._sendfile(item):
+                    self._to_transport(items, i)
+                    return
+                i += 1
+                continue
+            # The buffers up to the next file range, in one system call.
+            j = i + 1
+            while j < count and type(items[j]) is not FileRange and j - i < _IOV_MAX:
+                j += 1
+            try:
+                if j == i + 1:
+                    sent = os.write(fd, item)  # type: ignore[arg-type]
+                else:
+                    sent = os.writev(fd, items[i:j])  # type: ignore[arg-type]
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # the transport meets the error again and ends the connection
+            while i < j:
+                n = len(items[i])
+                if sent < n:
+                    break
+                sent -= n
+                i += 1
+            if i < j:
+                # The socket is full: the rest goes through the transport.
+                if sent:
+                    items[i] = memoryview(items[i])[sent:]  # type: ignore[arg-type]
+                self._to_transport(items, i)
+                return
+
+    def _sendfile(self, piece: FileRange) -> bool:
+        """Send ``piece`` from its file; False when the socket did not take all of it (the
+        range then holds what is left)."""
+        try:
+            while piece.length:
+                n = os.sendfile(self._fd, piece.fd, piece.offset, piece.length)
+                if not n:
+                    return False  # the file ends early: the copy pads it with zeroes
+                piece.offset += n
+                piece.length -= n
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return False  # which end failed, the copy finds out
+        piece.release()
+        return True
+
+    def _to_transport(self, items: list[P.Outgoing], start: int) -> None:
+        transport = self.transport
+        for item in itertools.islice(items, start, None):
+            if type(item) is not FileRange:
+                transport.write(item)  # type: ignore[arg-type]
+                continue
+            try:
+                data = _read_range(item)
+            except OSError as exc:
+                # The reply's header went out already: nothing can be said any more.
+                log.warning("Disconnect client, due to: read failed: %s", os.strerror(exc.errno or 0))
+                transport.abort()
+                for rest in itertools.islice(items, start, None):
+                    if type(rest) is FileRange:
+                        rest.release()
+                return
+            finally:
+                item.release()
+            transport.write(data)
 
     def is_closing(self) -> bool:
         return self.transport.is_closing()
@@ -510,6 +635,7 @@ class _Stream(asyncio.BufferedProtocol):
     async def start_tls(self, context: ssl.SSLContext) -> None:
         """Upgrade to TLS as the server side; this protocol then receives the clear text."""
         await self.drain()
+        self._fd = -1  # from now on everything goes through the TLS layer
         transport = await self._loop.start_tls(self.transport, self, context, server_side=True)
         assert transport is not None
         self.transport = transport
@@ -556,7 +682,14 @@ class _Client:
         self._flush_scheduled = False
         self._eager_replies = 0
         if self.broken or self.writer.is_closing():
-            self.conn.data_to_send()
+            for item in self.conn.data_to_send():
+                if type(item) is FileRange:
+                    item.release()
+            return
+        if self.writer.sends_files:
+            out = self.conn.data_to_send()
+            if out:
+                self.writer.send(out)
             return
         # Small buffers (reply headers, 4 KiB reads, the replies of every request that
         # completed in this loop iteration) are joined into one write: each write() is a
@@ -565,6 +698,7 @@ class _Client:
         batch: list[bytes | bytearray | memoryview] = []
         size = 0
         for buf in self.conn.data_to_send():
+            assert not isinstance(buf, FileRange)  # mapped only when sends_files
             n = len(buf)
             if n >= _JOIN_LIMIT:
                 if batch:
@@ -808,51 +942,95 @@ class _Client:
     async def _read(self, export: NBDExport, request: P.Request) -> None:
         if request.flags & P.CMD_FLAG_FUA:
             await export.backend.flush()
-        if request.length < _JOIN_LIMIT:
-            await self._read_into(export, request, bytearray(request.length), False)
+        runs = await self._runs(export, request)
+        if runs is None:
             return
+        if request.length < _JOIN_LIMIT:
+            await self._read_into(export, request, bytearray(request.length), runs, False)
+            return
+        if self.writer.sends_files and export.device is None:
+            pieces = self._map(export.backend, runs)
+            if pieces is not None:
+                # Sent by the kernel from the page cache (see _Stream.send), one reply at a
+                # time once the transport has room, as a big reply from a buffer is.
+                try:
+                    async with self._big_reply_lock:
+                        await self.drain()
+                        self.conn.reply_read(request.cookie, request.offset, pieces)
+                        self.flush()
+                finally:
+                    # Sent or dropped (a lost connection, a cancelled request): the files go.
+                    for _, piece in pieces:
+                        if type(piece) is FileRange:
+                            piece.release()
+                return
         # Big reads hold their buffers until the socket took them: a few at a time keep the
         # disk busy (reads the page cache cannot serve run in worker threads), more only pile
         # up buffers behind the socket (peak memory).
         async with self._big_reads:
             data = self._read_buffers.take(request.length)
-            await self._read_into(export, request, data, True)
+            await self._read_into(export, request, data, runs, True)
             if type(self.writer.transport) is _COPYING_TRANSPORT:
                 self._read_buffers.give(data)
 
+    async def _runs(self, export: NBDExport, request: P.Request) -> list[tuple[int, int, bool]] | None:
+        """The read's range in runs of (offset, length, reads as zeroes), in order.
+
+        With structured replies (and without DF) runs that read as zeroes become hole chunks,
+        without reading them; otherwise the range is one data run. Neighbouring runs of the
+        same kind are merged. None: finding the holes failed, and the error is answered.
+        """
+        if not self.conn.structured or request.flags & P.CMD_FLAG_DF:
+            return [(request.offset, request.length, False)]
+        runs: list[tuple[int, int, bool]] = []
+        pos = request.offset
+        end = request.offset + request.length
+        while pos < end:
+            try:
+                status = await chain_status(export.root, pos, end - pos)
+            except IOFailure as exc:
+                self.conn.reply_error(request.cookie, P.errno_to_nbd(exc.errno), "unable to check for holes")
+                return None
+            n = min(status.length, end - pos)
+            zero = bool(int(status.flags) & _ZERO)  # int: IntFlag's & runs in Python
+            if runs and runs[-1][2] == zero:
+                runs[-1] = (runs[-1][0], runs[-1][1] + n, zero)
+            else:
+                runs.append((pos, n, zero))
+            pos += n
+        return runs
+
+    @staticmethod
+    def _map(bb: BlockBackend, runs: list[tuple[int, int, bool]]) -> list[tuple[int, memoryview | int | FileRange]] | None:
+        """The reply's pieces with the data runs as file ranges; None when one cannot be
+        mapped (then the read goes through a buffer)."""
+        pieces: list[tuple[int, memoryview | int | FileRange]] = []
+        for offset, n, zero in runs:
+            if zero:
+                pieces.append((offset, n))
+                continue
+            mapped = bb.map_read(offset, n)
+            if mapped is None:
+                for _, piece in pieces:
+                    if isinstance(piece, FileRange):
+                        piece.release()
+                return None
+            pieces.append((offset, mapped))
+        return pieces
+
     async def _read_into(self, export: NBDExport, request: P.Request, data: bytearray,
-                         big: bool) -> None:
+                         runs: list[tuple[int, int, bool]], big: bool) -> None:
         bb = export.backend
         buf = memoryview(data)
-        pieces: list[tuple[int, memoryview | int]] = []
-        if self.conn.structured and not request.flags & P.CMD_FLAG_DF and request.length:
-            # Ranges that read as zeroes go out as hole chunks, without reading them.
-            pos = 0
-            while pos < request.length:
-                try:
-                    status = await chain_status(export.root, request.offset + pos, request.length - pos)
-                except IOFailure as exc:
-                    self.conn.reply_error(request.cookie, P.errno_to_nbd(exc.errno), "unable to check for holes")
-                    return
-                n = min(status.length, request.length - pos)
-                offset = request.offset + pos
-                if int(status.flags) & _ZERO:  # int: IntFlag's & runs in Python
-                    if pieces and isinstance(pieces[-1][1], int):
-                        pieces[-1] = (pieces[-1][0], int(pieces[-1][1]) + n)
-                    else:
-                        pieces.append((offset, n))
-                else:
-                    await bb.preadv(offset, buf[pos : pos + n])
-                    last = pieces[-1] if pieces else None
-                    if last is not None and not isinstance(last[1], int):
-                        pieces[-1] = (last[0], buf[last[0] - request.offset : pos + n])
-                    else:
-                        pieces.append((offset, buf[pos : pos + n]))
-                pos += n
-        else:
-            await bb.preadv(request.offset, buf)
-            if request.length:
-                pieces.append((request.offset, buf))
+        pieces: list[tuple[int, memoryview | int | FileRange]] = []
+        for offset, n, zero in runs:
+            if zero:
+                pieces.append((offset, n))
+                continue
+            pos = offset - request.offset
+            await bb.preadv(offset, buf[pos : pos + n])
+            if n:
+                pieces.append((offset, buf[pos : pos + n]))
         if not big:
             self.conn.reply_read(request.cookie, request.offset, pieces)
             return
