@@ -75,6 +75,18 @@ def child_path(node: Node, path: str) -> Node:
     return node
 
 
+def cachestat_works(path: os.PathLike[str] | str) -> bool:
+    """Whether the kernel answers cachestat(2) for ``path`` (Linux 6.5 and later): without
+    it the file driver never maps a read (see FileDriver.map_read)."""
+    from blockgraph.drivers.file import _CacheProbe
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _CacheProbe().cached_pages(fd, 0, 4096) is not None
+    finally:
+        os.close(fd)
+
+
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 

@@ -27,7 +27,7 @@ import pytest
 if str(Path(__file__).resolve().parents[2]) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.support.graphutil import make_raw  # noqa: E402
+from tests.support.graphutil import cachestat_works, make_raw  # noqa: E402
 
 from blockgraph.drivers.base import FileRange, RequestFlags  # noqa: E402
 from blockgraph.errors import IOFailure  # noqa: E402
@@ -48,13 +48,17 @@ class Client:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, path: str) -> Client:
+    async def connect(cls, path: str, structured: bool = False) -> Client:
         reader, writer = await asyncio.open_unix_connection(path)
         await reader.readexactly(18)  # greeting
         name = b"disk"
         data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
-        writer.write(struct.pack(">I", P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES)
-                     + struct.pack(">QII", P.IHAVEOPT, P.OPT_GO, len(data)) + data)
+        writer.write(struct.pack(">I", P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES))
+        if structured:
+            writer.write(struct.pack(">QII", P.IHAVEOPT, P.OPT_STRUCTURED_REPLY, 0))
+            _magic, _option, reply_type, length = struct.unpack(">QIII", await reader.readexactly(20))
+            assert reply_type == P.REP_ACK and length == 0
+        writer.write(struct.pack(">QII", P.IHAVEOPT, P.OPT_GO, len(data)) + data)
         while True:
             _magic, _option, reply_type, length = struct.unpack(">QIII", await reader.readexactly(20))
             await reader.readexactly(length)
@@ -71,6 +75,23 @@ class Client:
         assert magic == P.SIMPLE_REPLY_MAGIC
         data = await self.reader.readexactly(read_length) if read_length and not error else b""
         return cookie, error, data
+
+    async def chunks(self) -> list[tuple[int, int, bytes | int]]:
+        """The structured reply to a READ: (type, offset, data or hole length) per chunk."""
+        out: list[tuple[int, int, bytes | int]] = []
+        while True:
+            magic, flags, kind, _cookie, length = struct.unpack(">IHHQI", await self.reader.readexactly(20))
+            assert magic == P.STRUCTURED_REPLY_MAGIC
+            payload = await self.reader.readexactly(length)
+            if kind == P.REPLY_TYPE_OFFSET_DATA:
+                out.append((kind, struct.unpack(">Q", payload[:8])[0], payload[8:]))
+            elif kind == P.REPLY_TYPE_OFFSET_HOLE:
+                offset, size = struct.unpack(">QI", payload)
+                out.append((kind, offset, size))
+            else:
+                assert kind == P.REPLY_TYPE_NONE, kind
+            if flags & P.REPLY_FLAG_DONE:
+                return out
 
     async def close(self) -> None:
         self.send(0, P.CMD_DISC, 0, 0)
@@ -108,7 +129,7 @@ class Gate:
 
 
 async def _serve(tmp_path: Path, test: Callable[[Client, Gate, S.NBDServer, Node], Awaitable[None]],
-                 held: set[int] | None = None) -> None:
+                 held: set[int] | None = None, structured: bool = False) -> None:
     layer = BlockLayer()
     image = make_raw(tmp_path / "disk.raw", SIZE)
     root = await layer.open_node(image, {"driver": "raw"})
@@ -120,7 +141,7 @@ async def _serve(tmp_path: Path, test: Callable[[Client, Gate, S.NBDServer, Node
     sock = str(tmp_path / "sock")
     await server.listen_unix(sock)
     gate = Gate(file_node, held or set())
-    client = await Client.connect(sock)
+    client = await Client.connect(sock, structured)
     try:
         await test(client, gate, server, file_node)
     finally:
@@ -131,8 +152,8 @@ async def _serve(tmp_path: Path, test: Callable[[Client, Gate, S.NBDServer, Node
 
 
 def _run(tmp_path: Path, test: Callable[[Client, Gate, S.NBDServer, Node], Awaitable[None]],
-         held: set[int] | None = None) -> None:
-    asyncio.run(_serve(tmp_path, test, held))
+         held: set[int] | None = None, structured: bool = False) -> None:
+    asyncio.run(_serve(tmp_path, test, held, structured))
 
 
 def test_eager_requests_answer_while_a_suspended_one_waits(tmp_path: Path) -> None:
@@ -447,8 +468,16 @@ class _SendfileSpy:
         monkeypatch.setattr(S, "_read_range", read_range)
 
 
+def _skip_without_cachestat(tmp_path: Path) -> None:
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"x")
+    if not cachestat_works(probe):
+        pytest.skip("no cachestat(2) (Linux < 6.5): reads are never sent with sendfile")
+
+
 def test_big_reads_are_sent_from_the_page_cache(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    _skip_without_cachestat(tmp_path)
     spy = _SendfileSpy(monkeypatch)
     size = 256 * 1024
     data = os.urandom(size)
@@ -469,6 +498,7 @@ def test_big_reads_are_sent_from_the_page_cache(tmp_path: Path,
 
 def test_replies_stay_whole_and_in_order_when_the_socket_fills(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _skip_without_cachestat(tmp_path)
     spy = _SendfileSpy(monkeypatch)
     data = os.urandom(SIZE)
     count = 16  # 16 MiB of replies: far more than a unix socket's buffer
@@ -487,6 +517,40 @@ def test_replies_stay_whole_and_in_order_when_the_socket_fills(
     _run(tmp_path, test)
     assert spy.fallbacks >= 1
     assert spy.sent + spy.fallbacks * SIZE >= count * SIZE
+
+
+def test_data_runs_outside_the_page_cache_are_read_and_counted_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _skip_without_cachestat(tmp_path)
+    spy = _SendfileSpy(monkeypatch)
+    run = 64 * 1024
+    first, second = os.urandom(run), os.urandom(run)
+
+    async def test(client: Client, gate: Gate, server: S.NBDServer, file_node: Node) -> None:
+        # data, hole, data; the second run's pages leave the page cache.
+        path = file_node.driver.filename() or ""
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.pwrite(fd, first, 0)
+            os.pwrite(fd, second, 2 * run)
+            os.fsync(fd)
+            os.posix_fadvise(fd, 2 * run, run, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        (client_state,) = server._active
+        backend = client_state.export.backend
+        before = backend.stats.rd_operations, backend.stats.rd_bytes
+        client.send(7, P.CMD_READ, 0, 3 * run)
+        assert await client.chunks() == [(P.REPLY_TYPE_OFFSET_DATA, 0, first),
+                                         (P.REPLY_TYPE_OFFSET_HOLE, run, run),
+                                         (P.REPLY_TYPE_OFFSET_DATA, 2 * run, second)]
+        # One read per data run: the mapped one and the one read into memory.
+        assert (backend.stats.rd_operations - before[0], backend.stats.rd_bytes - before[1]) \
+            == (2, 2 * run)
+        await client.close()
+
+    _run(tmp_path, test, structured=True)
+    assert spy.sent == run and spy.fallbacks == 0
 
 
 def test_a_file_range_past_the_end_of_its_file_is_sent_as_zeroes(tmp_path: Path) -> None:

@@ -117,9 +117,13 @@ class FileRange:
     its node retires the fd only) until :meth:`release`, which the holder must call once,
     when done with it.
 
-    The bytes are read when they are sent, not when the range was made: as with any read that
-    runs concurrently with a write to the same place, what it returns is either. A file that
-    shrank meanwhile reads as zeroes past its new end.
+    The bytes are taken no earlier than when they are sent (on a unix socket, the kernel
+    copies them only when the peer receives them), not when the range was made: a write
+    that completed before the range was made is always seen; one that runs concurrently may
+    or may not be, as with any read racing a write. A file that shrank meanwhile reads as
+    zeroes past its new end. A read error comes only when the bytes are sent, after the
+    reply's header: the sender can only end its connection then (a file range is made only
+    for data in the page cache, where such errors are rare).
     """
 
     __slots__ = ("fd", "offset", "length", "_release")

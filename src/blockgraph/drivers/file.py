@@ -12,7 +12,6 @@ import asyncio
 import errno
 import mmap
 import os
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from blockgraph.drivers import workers
@@ -55,45 +54,51 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 
 _PAGE = mmap.PAGESIZE
-# cachestat(2) (Linux 6.5): how many pages of a file range the page cache holds. The number
-# is the same on every architecture (the generic system call table).
-_SYS_CACHESTAT = 451
-_cachestat: Callable[[int, int, int], int | None] | None = None
+# cachestat(2) (Linux 6.5): how many pages of a file range the page cache holds. 451 in the
+# generic system call table, which every architecture but alpha and mips numbers by.
+_SYS_CACHESTAT = None if os.uname().machine.startswith(("alpha", "mips")) else 451
+_cachestat_types: tuple[Any, Any] | None = None
 
 
-def _bind_cachestat() -> Callable[[int, int, int], int | None]:
-    import ctypes
+class _CacheProbe:
+    """Asks cachestat(2) about one file. Each driver has its own: the call fills buffers, and
+    drivers of different BlockLayers may run in different threads."""
 
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    syscall = _libc.syscall
+    def __init__(self) -> None:
+        import ctypes
 
-    class Range(ctypes.Structure):
-        _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+        global _libc, _cachestat_types
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        if _cachestat_types is None:
 
-    class Stat(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_uint64) for name in (
-            "nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+            class Range(ctypes.Structure):
+                _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
 
-    # One pair for all calls: only the event loop's thread asks.
-    span = Range()
-    stat = Stat()
-    span_ref = ctypes.byref(span)
-    stat_ref = ctypes.byref(stat)
-    number = ctypes.c_long(_SYS_CACHESTAT)
-    flags = ctypes.c_uint(0)
+            class Stat(ctypes.Structure):
+                _fields_ = [(name, ctypes.c_uint64) for name in (
+                    "nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
 
-    def cached_pages(fd: int, offset: int, length: int) -> int | None:
+            _cachestat_types = (Range, Stat)
+        range_type, stat_type = _cachestat_types
+        self._syscall = _libc.syscall
+        self._span = range_type()
+        self._stat = stat_type()
+        self._args = (ctypes.c_long(_SYS_CACHESTAT or -1), ctypes.byref(self._span),
+                      ctypes.byref(self._stat), ctypes.c_uint(0))
+        self._int = ctypes.c_int
+
+    def cached_pages(self, fd: int, offset: int, length: int) -> int | None:
         """Pages of ``[offset, offset + length)`` (page-aligned) in the page cache; None
         when the kernel cannot tell (no cachestat, or not for this file)."""
-        span.off = offset
-        span.len = length
-        if syscall(number, ctypes.c_int(fd), span_ref, stat_ref, flags) != 0:
+        if _SYS_CACHESTAT is None:
             return None
-        return int(stat.nr_cache)
-
-    return cached_pages
+        self._span.off = offset
+        self._span.len = length
+        number, span, stat, flags = self._args
+        if self._syscall(number, self._int(fd), span, stat, flags) != 0:
+            return None
+        return int(self._stat.nr_cache)
 
 
 # Requests from this size on run in a worker thread (QEMU's aio=threads); smaller ones run
@@ -253,8 +258,10 @@ class FileDriver(BlockDriver):
         self._data_extent: tuple[int, int] | None = None
         # Whether reads may try RWF_NOWAIT first (cleared when the file system refuses it).
         self._nowait = _RWF_NOWAIT != 0
-        # Whether map_read may ask cachestat (cleared when the kernel cannot answer).
-        self._cachestat = True
+        # What map_read asks about the page cache (made on first use); False once the kernel
+        # could not answer.
+        self._cache_probe: _CacheProbe | bool = True
+        self._probe_byte = bytearray(1)
 
     @classmethod
     def parse_filename(cls, filename: str, options: dict[str, Any]) -> None:
@@ -374,21 +381,28 @@ class FileDriver(BlockDriver):
         # Only what the page cache holds in full: sendfile of anything else would wait for
         # the disk on the event loop's thread (preadv sends that to a worker thread).
         # O_DIRECT files bypass the cache; past the end preadv makes the zeroes.
-        if self.flags.direct or not self._cachestat or self._fd is None:
+        probe = self._cache_probe
+        if self.flags.direct or probe is False or self._fd is None:
             return None
         if offset + length > self.getlength():
             return None
-        global _cachestat
-        if _cachestat is None:
-            _cachestat = _bind_cachestat()
+        if probe is True:
+            probe = self._cache_probe = _CacheProbe()
         first = offset - offset % _PAGE
         end = -(-(offset + length) // _PAGE) * _PAGE
-        cached = _cachestat(self.fd, first, end - first)
+        cached = probe.cached_pages(self.fd, first, end - first)
         if cached is None:
-            self._cachestat = False
+            self._cache_probe = False
             return None
         if cached < (end - first) // _PAGE:
             return None
+        # cachestat counts pages that readahead has put in the cache and is still reading:
+        # the last one, read without waiting, tells whether all have arrived.
+        if self._nowait:
+            try:
+                os.preadv(self.fd, [self._probe_byte], offset + length - 1, _RWF_NOWAIT)
+            except OSError:
+                return None
         fd = self._hold_fd()
         return FileRange(fd.fd, offset, length, fd.release)
 

@@ -126,8 +126,6 @@ class RawDriver(BlockDriver):
         if offset < 0 or length < 0 or offset > _INT64_MAX - self.offset - length:
             raise IOFailure(EINVAL)
 
-    # The event is fired here rather than through fire_debug_event: one coroutine less per
-    # request when no blkdebug node listens, which is always but in tests.
     def map_read(self, offset: int, length: int) -> FileRange | None:
         # Raw passes its window's bytes on unchanged. (A blkdebug child, which wants to see
         # the read_aio event and the read, maps nothing.)
@@ -136,6 +134,8 @@ class RawDriver(BlockDriver):
             return None
         return file.map_read(offset + self.offset, length)
 
+    # The event is fired here rather than through fire_debug_event: one coroutine less per
+    # request when no blkdebug node listens, which is always but in tests.
     async def preadv(self, offset: int, buf: memoryview, flags: RequestFlags) -> None:
         if offset < 0 or offset > _INT64_MAX - self.offset - len(buf):  # _check_range, inline
             raise IOFailure(EINVAL)

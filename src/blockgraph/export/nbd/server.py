@@ -59,6 +59,8 @@ _BIG_READS = 8
 _SEND_BUFFER = 1024 * 1024
 # The plain socket transport, whose socket _Stream writes to itself (see _Stream.send).
 _PLAIN_TRANSPORT: type | None = getattr(selector_events, "_SelectorSocketTransport", None)
+# What a failed send() says when the peer is gone (the connection cannot go on).
+_SOCKET_GONE = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN))
 # The most buffers one writev() takes (IOV_MAX on Linux).
 _IOV_MAX = 1024
 # Whether a buffer passed to the transport's write() is free again once write() returned:
@@ -441,6 +443,7 @@ class _Stream(asyncio.BufferedProtocol):
         return self.transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._fd = -1  # the socket closes after this returns: its number may come back
         self._lost = True
         self._lost_error = exc
         self._end()
@@ -530,7 +533,12 @@ class _Stream(asyncio.BufferedProtocol):
         while i < count:
             item = items[i]
             if type(item) is FileRange:
-                if not self._sendfile(item):
+                try:
+                    done = self._sendfile(item)
+                except OSError:
+                    self._send_failed(items, i)
+                    return
+                if not done:
                     self._to_transport(items, i)
                     return
                 i += 1
@@ -547,7 +555,8 @@ class _Stream(asyncio.BufferedProtocol):
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:
-                sent = 0  # the transport meets the error again and ends the connection
+                self._send_failed(items, i)
+                return
             while i < j:
                 n = len(items[i])
                 if sent < n:
@@ -563,7 +572,11 @@ class _Stream(asyncio.BufferedProtocol):
 
     def _sendfile(self, piece: FileRange) -> bool:
         """Send ``piece`` from its file; False when the socket did not take all of it (the
-        range then holds what is left)."""
+        range then holds what is left).
+
+        :raise OSError: the socket failed (the file's errors leave the rest to the copy in
+            _to_transport, which reports them).
+        """
         try:
             while piece.length:
                 n = os.sendfile(self._fd, piece.fd, piece.offset, piece.length)
@@ -573,13 +586,29 @@ class _Stream(asyncio.BufferedProtocol):
                 piece.length -= n
         except (BlockingIOError, InterruptedError):
             return False
-        except OSError:
-            return False  # which end failed, the copy finds out
+        except OSError as exc:
+            if exc.errno in _SOCKET_GONE:
+                raise
+            return False
         piece.release()
         return True
 
+    def _send_failed(self, items: list[P.Outgoing], start: int) -> None:
+        # The peer is gone: what is left is neither read nor sent, and the connection ends
+        # (as asyncio's transport ends it when its own send() fails).
+        for item in itertools.islice(items, start, None):
+            if type(item) is FileRange:
+                item.release()
+        self.transport.abort()
+
     def _to_transport(self, items: list[P.Outgoing], start: int) -> None:
         transport = self.transport
+        if transport.is_closing():
+            # Nothing more goes out (asyncio's transport drops it too): the files go unread.
+            for item in itertools.islice(items, start, None):
+                if type(item) is FileRange:
+                    item.release()
+            return
         for item in itertools.islice(items, start, None):
             if type(item) is not FileRange:
                 transport.write(item)  # type: ignore[arg-type]
@@ -949,20 +978,7 @@ class _Client:
             await self._read_into(export, request, bytearray(request.length), runs, False)
             return
         if self.writer.sends_files and export.device is None:
-            pieces = self._map(export.backend, runs)
-            if pieces is not None:
-                # Sent by the kernel from the page cache (see _Stream.send), one reply at a
-                # time once the transport has room, as a big reply from a buffer is.
-                try:
-                    async with self._big_reply_lock:
-                        await self.drain()
-                        self.conn.reply_read(request.cookie, request.offset, pieces)
-                        self.flush()
-                finally:
-                    # Sent or dropped (a lost connection, a cancelled request): the files go.
-                    for _, piece in pieces:
-                        if type(piece) is FileRange:
-                            piece.release()
+            if await self._read_mapped(export.backend, request, runs):
                 return
         # Big reads hold their buffers until the socket took them: a few at a time keep the
         # disk busy (reads the page cache cannot serve run in worker threads), more only pile
@@ -1000,23 +1016,41 @@ class _Client:
             pos += n
         return runs
 
-    @staticmethod
-    def _map(bb: BlockBackend, runs: list[tuple[int, int, bool]]) -> list[tuple[int, memoryview | int | FileRange]] | None:
-        """The reply's pieces with the data runs as file ranges; None when one cannot be
-        mapped (then the read goes through a buffer)."""
-        pieces: list[tuple[int, memoryview | int | FileRange]] = []
-        for offset, n, zero in runs:
-            if zero:
-                pieces.append((offset, n))
-                continue
-            mapped = bb.map_read(offset, n)
-            if mapped is None:
+    async def _read_mapped(self, bb: BlockBackend, request: P.Request,
+                           runs: list[tuple[int, int, bool]]) -> bool:
+        """Answer a big read with the file ranges that hold its data (sent by the kernel from
+        the page cache, see _Stream.send); False when no data run maps (nothing was done).
+
+        Mapped once the transport has room, and sent at once: no range is held while this
+        waits, so none goes stale (a page evicted meanwhile), and a drain of the BlockBackend
+        does not end while a mapped read waits to be sent. The rare run that does not map
+        (not all in the page cache) among runs that do is read into memory meanwhile.
+        """
+        async with self._big_reply_lock:
+            await self.drain()
+            pieces: list[tuple[int, memoryview | int | FileRange]] = []
+            unmapped: list[int] = []
+            try:
+                for offset, n, zero in runs:
+                    mapped = None if zero else bb.map_read(offset, n)
+                    if not zero and mapped is None:
+                        unmapped.append(len(pieces))
+                    pieces.append((offset, n if mapped is None else mapped))
+                if not any(type(piece) is FileRange for _, piece in pieces):
+                    return False  # nothing mapped: read with a buffer
+                for i in unmapped:
+                    offset, n = runs[i][:2]
+                    buf = memoryview(bytearray(n))
+                    await bb.preadv(offset, buf)
+                    pieces[i] = (offset, buf)
+                self.conn.reply_read(request.cookie, request.offset, pieces)
+                self.flush()
+            finally:
+                # Sent or dropped (a lost connection, a failed read, a cancelled request).
                 for _, piece in pieces:
-                    if isinstance(piece, FileRange):
+                    if type(piece) is FileRange:
                         piece.release()
-                return None
-            pieces.append((offset, mapped))
-        return pieces
+        return True
 
     async def _read_into(self, export: NBDExport, request: P.Request, data: bytearray,
                          runs: list[tuple[int, int, bool]], big: bool) -> None:
