@@ -165,3 +165,29 @@ def test_snapshot_overflow_in_later_l2_table_keeps_copied_flags(tmp_path: Path) 
     assert _host_offset(img, 0) == before
     _check_clean(img)
     _compare(img, bytes(model), tmp_path)
+
+
+def test_snapshot_apply_overflowing_refcount_changes_nothing(tmp_path: Path) -> None:
+    # Applying raises what the snapshot reaches before dropping the active references: four
+    # compressed clusters in one host cluster, two snapshots (refcount 12), +4 overflows.
+    img = tmp_path / "img.qcow2"
+    model = bytes(4 * CS)
+
+    async def main() -> None:
+        await _create(img, len(model))
+        drv, ctx = await open_image(str(img))
+        try:
+            for cluster in range(4):
+                await drv.pwritev(cluster * CS, memoryview(bytes(CS)), RequestFlags.COMPRESSED)
+            await drv.snapshot_create("snap1")
+            await drv.snapshot_create("snap2")
+            with pytest.raises(IOFailure) as info:
+                await drv.snapshot_goto("snap1")
+            assert info.value.errno == errno.EINVAL
+        finally:
+            await ctx.close_all(drv)
+
+    asyncio.run(main())
+    _check_clean(img)
+    assert _snapshot_names(img) == ["snap1", "snap2"]
+    _compare(img, model, tmp_path)
