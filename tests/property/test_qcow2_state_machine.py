@@ -9,6 +9,7 @@ leaks and compare equal to the model with ``qemu-img compare``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import sys
 import tempfile
@@ -61,6 +62,7 @@ class Qcow2Machine(RuleBasedStateMachine):
             refcount_bits, compression = 16, "zlib"
         extended_l2 = extended_l2 and compat == "1.1" and cluster_bits >= 14
         self.cluster_size = cs
+        self.refcount_bits = refcount_bits
 
         async def make() -> None:
             from tests.support.filechild import FileChild
@@ -168,15 +170,36 @@ class Qcow2Machine(RuleBasedStateMachine):
     def snapshot_create(self) -> None:
         self.counter += 1
         name = f"snap{self.counter}"
-        self.run(self.drv.snapshot_create(name))
+        try:
+            self.run(self.drv.snapshot_create(name))
+        except IOFailure as exc:
+            self._refcount_overflow(exc)
+            assert name not in [sn.name for sn in self.drv.snapshots]
+            self._check(0, len(self.model))
+            return
         self.snapshots[name] = bytes(self.model)
+
+    def _refcount_overflow(self, exc: IOFailure) -> None:
+        # A host cluster holding several compressed clusters gains one reference per compressed
+        # cluster and snapshot: with refcount_bits=4 (max 15) that overflows in a few snapshots,
+        # and the snapshot fails with EINVAL as in QEMU. It must change nothing (teardown's
+        # qemu-img check finds leaks and OFLAG_COPIED errors).
+        if exc.errno != errno.EINVAL or self.refcount_bits != 4:
+            raise exc
 
     @precondition(lambda self: bool(self.snapshots))
     @rule(data=st.data())
     def snapshot_apply(self, data: st.DataObject) -> None:
         name = data.draw(st.sampled_from(sorted(self.snapshots)))
-        self.run(self.drv.snapshot_goto(name))
-        self.model = bytearray(self.snapshots[name])
+        try:
+            self.run(self.drv.snapshot_goto(name))
+        except IOFailure as exc:
+            # The snapshot's clusters are raised before the active ones are dropped; the resize
+            # to the snapshot's size comes before that (QEMU too) and stays.
+            self._refcount_overflow(exc)
+            self._resize_model(self.drv.getlength())
+        else:
+            self.model = bytearray(self.snapshots[name])
         self._check(0, len(self.model))
 
     @precondition(lambda self: bool(self.snapshots))
@@ -192,12 +215,15 @@ class Qcow2Machine(RuleBasedStateMachine):
         sectors = data.draw(st.integers(1, (2 << 20) // SECTOR))
         new = sectors * SECTOR
         self.run(self.drv.truncate(new))
+        self._resize_model(new)
+        self._check(0, len(self.model))
+
+    def _resize_model(self, new: int) -> None:
         old = len(self.model)
         if new < old:
             del self.model[new:]
         else:
             self.model += bytes(new - old)
-        self._check(0, len(self.model))
 
     @rule()
     def reopen_rule(self) -> None:

@@ -231,6 +231,13 @@ async def update_snapshot_refcount(drv: Qcow2Driver, l1: list[int], addend: int)
     except BaseException:
         for offset, length in reversed(done):
             await rc.update_refcount(offset, length, -addend)
+        if addend > 0 and done:
+            # The tables done so far had OFLAG_COPIED cleared for the raised refcounts, which
+            # are now back to 1 where they were: set it again, or qemu-img check reports
+            # corruption and writes COW clusters that are not shared. The lowered refcounts
+            # reach the disk before the flags (the same ordering as for a raise).
+            await drv._l2_depends_on_refcounts()
+            await update_snapshot_refcount(drv, l1, 0)
         raise
     return out
 
@@ -278,13 +285,24 @@ async def snapshot_create(drv: Qcow2Driver, name: str, *, id_str: str | None = N
             raise BlockError("File exists")
         h = drv.header
         l1 = list(drv.l1_table)
-        sn_l1_offset = await drv.refcounts.alloc_clusters(max(h.l1_size, 1) * L1E_SIZE)
-        if h.l1_size:
-            await drv._file.pwritev(sn_l1_offset, memoryview(struct.pack(f">{h.l1_size}Q", *l1)))
-        # Every cluster the active L1 reaches is now shared with the snapshot.
-        drv.l1_table = await update_snapshot_refcount(drv, l1, 1)
-        if drv.l1_table != l1:
-            await _write_active_l1(drv)
+        l1_bytes = max(h.l1_size, 1) * L1E_SIZE
+        sn_l1_offset = await drv.refcounts.alloc_clusters(l1_bytes)
+        try:
+            if h.l1_size:
+                await drv._file.pwritev(sn_l1_offset,
+                                        memoryview(struct.pack(f">{h.l1_size}Q", *l1)))
+            # Every cluster the active L1 reaches is now shared with the snapshot. This fails
+            # (EINVAL, as in QEMU) when a refcount would overflow, typically a host cluster
+            # holding many compressed clusters with small refcount_bits; the raises done so
+            # far are undone by update_snapshot_refcount.
+            drv.l1_table = await update_snapshot_refcount(drv, l1, 1)
+            if drv.l1_table != l1:
+                await _write_active_l1(drv)
+        except BaseException:
+            # Nothing on disk names the L1 copy yet (the snapshot table comes later): QEMU
+            # leaks it here, we give it back.
+            await drv.refcounts.free_clusters(sn_l1_offset, l1_bytes)
+            raise
         sec = int(date)
         sn = Snapshot(sn_l1_offset, h.l1_size, id_str, name, sec, int((date - sec) * 1e9),
                       vm_clock_nsec, vm_state_size, h.size, icount)
