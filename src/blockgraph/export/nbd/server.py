@@ -706,7 +706,7 @@ class _Client:
         start: they may be held while the VM is stopped, which needs their task's identity
         (close() cancels held tasks). For the same reason nothing on the request path may
         rely on ``asyncio.current_task()`` (``asyncio.timeout`` does): during the first step
-        it is the connection's task.
+        it is the connection's task, or none at all (started from :meth:`_on_data`).
         """
         export = self.export
         assert export is not None
