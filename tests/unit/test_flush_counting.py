@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -177,6 +178,53 @@ def test_qcow2_no_flush_still_writes_metadata(layer: BlockLayer, tmp_path: Path)
         assert buf == b"m" * 512
     finally:
         other.close()
+
+
+def test_qcow2_writethrough_in_place_flushes_disk_once_per_write(layer: BlockLayer,
+                                                                  tmp_path: Path) -> None:
+    # Rewrites of allocated clusters leave qcow2's caches clean: the flush after each write
+    # has no metadata to write, but the file's disk flush must still happen, once.
+    bb, file_node = _open(layer, tmp_path, "qcow2")
+    _preallocate(layer, bb)
+    root = bb.root
+    assert root is not None
+    drv: Any = root.driver
+    assert not drv.l2_cache.dirty and not drv.refcount_cache.dirty
+    bb.write_cache = False
+    for i in range(N):
+        before = file_node.stats.disk_flushes
+        layer.run(bb.pwritev(i * CLUSTER + 7, memoryview(b"r" * 1000)))
+        assert file_node.stats.disk_flushes == before + 1
+
+
+def test_qcow2_flush_waits_for_metadata_lock_holder(layer: BlockLayer, tmp_path: Path) -> None:
+    # Clean caches do not let a flush pass a holder of the metadata lock: what the holder
+    # changes before it lets go is written by that flush.
+    bb, _ = _open(layer, tmp_path, "qcow2")
+    _preallocate(layer, bb)
+    root = bb.root
+    assert root is not None
+    drv: Any = root.driver
+    assert not drv.l2_cache.dirty and not drv.refcount_cache.dirty
+    l2_offset = drv.l1_table[0] & 0x00FFFFFFFFFFFE00
+
+    async def scenario() -> None:
+        await drv._lock.relock()
+        flush = bb.flush()
+        try:
+            flush.send(None)  # runs until it waits for the lock
+            waited = True
+        except StopIteration:
+            waited = False
+        drv.l2_cache.mark_dirty(l2_offset)  # the holder's change
+        drv._lock.release()
+        assert waited, "the flush did not wait for the metadata lock"
+        with pytest.raises(StopIteration):
+            while True:
+                flush.send(None)
+        assert not drv.l2_cache.dirty, "the flush did not write what the holder changed"
+
+    layer.run(scenario())
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

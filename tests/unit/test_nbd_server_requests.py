@@ -584,3 +584,65 @@ def test_a_file_range_past_the_end_of_its_file_is_sent_as_zeroes(tmp_path: Path)
     received = asyncio.run(test())
     assert received == b"head" + b"\x07" * (6000 - 4096) + bytes(8192 - (6000 - 4096)) + b"tail"
     assert len(released) == 1
+
+
+# -- bytes taken while the read loop waits ---------------------------------------------------
+
+
+def test_requests_at_queue_depth_one_do_not_wake_the_read_loop(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Requests that arrive while run() waits for data are started and answered from the
+    # transport's callback (_Client._on_data): run()'s task is not woken for each of them.
+    wakeups = [0]
+    original = S._Stream.received
+
+    async def counting(self: S._Stream) -> None:
+        await original(self)
+        wakeups[0] += 1
+
+    monkeypatch.setattr(S._Stream, "received", counting)
+
+    async def test(client: Client, gate: Gate, server: S.NBDServer, file_node: Node) -> None:
+        before = wakeups[0]
+        for i in range(20):
+            client.send(i, P.CMD_WRITE, i * 4096, 4096, bytes([i + 1]) * 4096)
+            assert await client.reply() == (i, 0, b"")
+        for i in range(20):
+            client.send(100 + i, P.CMD_READ, i * 4096, 4096)
+            assert await client.reply(4096) == (100 + i, 0, bytes([i + 1]) * 4096)
+        assert wakeups[0] - before <= 1
+        await client.close()
+
+    _run(tmp_path, test)
+
+
+def test_requests_then_disconnect_in_one_batch(tmp_path: Path) -> None:
+    # The batch is parsed outside run(): the requests are answered, the disconnect that
+    # follows them is left to run(), which then closes the connection.
+    async def test(client: Client, gate: Gate, server: S.NBDServer, file_node: Node) -> None:
+        client.writer.write(P.request_header(1, P.CMD_WRITE, 0, 4096) + b"\x99" * 4096
+                            + P.request_header(2, P.CMD_READ, 0, 4096)
+                            + P.request_header(0, P.CMD_DISC, 0, 0))
+        assert await client.reply() == (1, 0, b"")
+        assert await client.reply(4096) == (2, 0, b"\x99" * 4096)
+        assert await client.reader.read() == b""
+
+    _run(tmp_path, test)
+
+
+def test_a_bug_while_run_waits_ends_the_connection_as_in_run(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    # An unexpected exception where run() would have met it (here: starting a request) ends
+    # the connection as it did from run(): logged as a failed connection, the socket closed.
+    def broken(self: Any, request: P.Request) -> None:
+        raise RuntimeError("a bug")
+
+    async def test(client: Client, gate: Gate, server: S.NBDServer, file_node: Node) -> None:
+        monkeypatch.setattr(S._Client, "_start", broken)
+        client.send(1, P.CMD_WRITE, 0, 4096, b"\x01" * 4096)
+        assert await client.reader.read() == b""
+
+    _run(tmp_path, test)
+    assert any("connection failed" in r.getMessage() and r.exc_info is not None
+               and "a bug" in str(r.exc_info[1]) for r in caplog.records)

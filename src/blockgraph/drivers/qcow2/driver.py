@@ -1519,13 +1519,21 @@ class Qcow2Driver(BlockDriver):
     async def flush_to_os(self) -> None:
         if self.file is None or self.read_only:
             return
+        lock = self._lock
+        if (not self.l2_cache.dirty and not self.refcount_cache.dirty
+                and not self._pending_discards and not lock.locked()):
+            # Nothing to write (a writethrough client rewriting allocated clusters flushes
+            # after every write): what the locked path below would do, minus the lock. A
+            # table leaves ``dirty`` only once written, so clean caches mean that no other
+            # flush still has metadata on its way.
+            return
         # Writes in flight are not waited for: flush covers completed writes, and an allocation
         # in flight has only its refcount in the caches (a leak at worst after a crash).
-        await self._lock.relock()
+        await lock.relock()
         try:
             await self._write_caches()
         finally:
-            self._lock.release()
+            lock.release()
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         entry = self._cached_l2_entry(offset, length)

@@ -507,6 +507,10 @@ class ServerConnection:
             request = self._next_request()
             if request is not None:
                 return request
+            if not self._in and not self._eof and self.phase is not Phase.CLOSED:
+                # All parsed (after every request of a client at queue depth 1): the general
+                # parser's answer below, without its steps.
+                return NEED_DATA
         while True:
             if self.phase is Phase.CLOSED:
                 if self._closed_event_sent:

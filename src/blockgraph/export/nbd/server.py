@@ -371,6 +371,9 @@ class _Stream(asyncio.BufferedProtocol):
         self._eof = False
         self._early = bytearray()  # received before attach() (never, with reading paused)
         self._waiter: asyncio.Future[None] | None = None  # the read loop waits for data
+        # The read loop's handler of bytes that arrive while it waits (_Client._on_data): True
+        # when it took them itself and waits on.
+        self.on_data: Callable[[], bool] | None = None
         self._reading = True
         self._lost = False
         self._lost_error: Exception | None = None
@@ -432,6 +435,10 @@ class _Stream(asyncio.BufferedProtocol):
         waiter = self._waiter
         if waiter is not None:
             if not waiter.done():
+                on_data = self.on_data
+                if on_data is not None and on_data():
+                    self._fed = False
+                    return
                 waiter.set_result(None)
         elif conn.payload_target() is None:
             self.pause_reading()
@@ -701,6 +708,9 @@ class _Client:
         # connection is ending: then such requests are dropped instead of held.
         self.held: set[asyncio.Task[None]] = set()
         self.closing = False
+        # What _on_data took and left to run(): an event other than a request, or an error.
+        self._pending_event: P.Event | None = None
+        self._pending_error: Exception | None = None
 
     def _take_payload_buffer(self, size: int) -> bytearray:
         if size < _JOIN_LIMIT:
@@ -775,7 +785,11 @@ class _Client:
                 finally:
                     self._slot_waiter = None
                 continue
-            event = conn.next_event()
+            event: P.Event | P.NeedData | None = self._pending_event
+            if event is None:
+                event = conn.next_event()
+            else:
+                self._pending_event = None
             if type(event) is P.Request:
                 self._start(event)
             elif isinstance(event, P.NeedData):
@@ -784,9 +798,14 @@ class _Client:
                     await self.drain()
                 # The transport feeds conn itself (see _Stream); a lost connection is EOF.
                 await self.writer.received()
+                error = self._pending_error
+                if error is not None:
+                    self._pending_error = None
+                    raise error
                 continue
             elif isinstance(event, P.TransmissionStarted):
                 self.export = self.server.exports[event.export.name]
+                self.writer.on_data = self._on_data
                 self.log.debug("transmission on export %r (structured=%s, contexts=%s)",
                                event.export.name, event.structured, event.contexts)
             elif isinstance(event, P.StartTLS):
@@ -809,6 +828,33 @@ class _Client:
                 await self.drain()
         self.flush()
 
+    def _on_data(self) -> bool:
+        """What run() does with bytes that arrive while it waits for them in ``received()``,
+        called by the transport as they arrive (during transmission).
+
+        Saves a loop iteration per request (the wake-up of run()'s task): at queue depth 1,
+        ~3.5 us of ~21 us CPU per 4 KiB write. Requests start eagerly here as in run() (see
+        _start) and their replies go out once the buffer is parsed. Anything else wakes
+        run() (False): a full request window, a backed-up socket, an event other than a
+        request (left for run() to take), an error (raised by run(), as if it had met it).
+        """
+        conn = self.conn
+        transport = self.writer.transport
+        try:
+            while len(self.tasks) < MAX_REQUESTS and not transport.get_write_buffer_size():
+                event = conn.next_event()
+                if type(event) is P.Request:
+                    self._start(event)
+                elif isinstance(event, P.NeedData):
+                    self.flush()
+                    return not transport.get_write_buffer_size()
+                else:
+                    self._pending_event = event
+                    return False
+        except Exception as exc:
+            self._pending_error = exc
+        return False
+
     def _start(self, request: P.Request) -> None:
         """Run ``request`` in this frame as far as it goes without waiting (eager start).
 
@@ -823,7 +869,7 @@ class _Client:
         start: they may be held while the VM is stopped, which needs their task's identity
         (close() cancels held tasks). For the same reason nothing on the request path may
         rely on ``asyncio.current_task()`` (``asyncio.timeout`` does): during the first step
-        it is the connection's task.
+        it is the connection's task, or none at all (started from :meth:`_on_data`).
         """
         export = self.export
         assert export is not None
