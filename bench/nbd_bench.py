@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -110,6 +111,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workdir", help="where images go (default: a temp dir)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per measurement, daemons alternating; medians are printed")
+    parser.add_argument("--only", metavar="REGEX",
+                        help="only the rows whose name matches (e.g. 'writethrough|nbdcopy')")
     args, _unknown = parser.parse_known_args(argv)  # run.py passes one argv to all
     precompile()
     missing = [t for t in ("fio", "nbdcopy", "qemu-storage-daemon", "qemu-img") if not shutil.which(t)]
@@ -126,8 +129,11 @@ def main(argv: list[str]) -> int:
           "ratio = blockgraph/QEMU")
     print(f"{'workload':36} {'qemu MB/s':>10} {'blockgraph MB/s':>16} {'ratio':>6}")
     rss: dict[str, int] = {"qemu": 0, "blockgraph": 0}
+    only = re.compile(args.only) if args.only else None
     for fmt in ("raw", "qcow2"):
         for name, fio_args, writethrough in JOBS:
+            if only is not None and not only.search(f"{fmt} {name}"):
+                continue
             runs: dict[str, list[float]] = {"qemu": [], "blockgraph": []}
             for _ in range(repeat):
                 for who, program in daemons.items():
@@ -149,6 +155,8 @@ def main(argv: list[str]) -> int:
                   f"{speed['blockgraph'] / 1e6:16.1f} {ratio:6.2f}", flush=True)
     # nbdcopy of a whole image out of and into each daemon's export.
     for direction in ("out", "in"):
+        if only is not None and not only.search(f"nbdcopy {direction}"):
+            continue
         times: dict[str, list[float]] = {"qemu": [], "blockgraph": []}
         for _ in range(repeat):
             for who, program in daemons.items():
