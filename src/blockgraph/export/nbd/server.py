@@ -436,10 +436,14 @@ class _Stream(asyncio.BufferedProtocol):
         if waiter is not None:
             if not waiter.done():
                 on_data = self.on_data
-                if on_data is not None and on_data():
-                    self._fed = False
-                    return
-                waiter.set_result(None)
+                # Not once closing: a TLS transport's close() hands over what it decrypted
+                # still, and those requests must not start (an export being removed).
+                if on_data is not None and not self.transport.is_closing():
+                    if on_data():
+                        self._fed = False
+                        return
+                if not waiter.done():  # (whatever on_data ran may have cancelled run())
+                    waiter.set_result(None)
         elif conn.payload_target() is None:
             self.pause_reading()
 
@@ -641,6 +645,7 @@ class _Stream(asyncio.BufferedProtocol):
         return self.transport.get_extra_info(name, default)
 
     def close(self) -> None:
+        self.on_data = None  # nothing more is started for this connection (see buffer_updated)
         self.transport.close()
 
     async def wait_closed(self) -> None:
@@ -710,7 +715,7 @@ class _Client:
         self.closing = False
         # What _on_data took and left to run(): an event other than a request, or an error.
         self._pending_event: P.Event | None = None
-        self._pending_error: Exception | None = None
+        self._pending_error: BaseException | None = None
 
     def _take_payload_buffer(self, size: int) -> bytearray:
         if size < _JOIN_LIMIT:
@@ -802,6 +807,10 @@ class _Client:
                 if error is not None:
                     self._pending_error = None
                     raise error
+                if self.writer.transport.get_write_buffer_size():
+                    # _on_data handed over because the socket is backed up: no request
+                    # starts before it took what is buffered (see the end of the loop).
+                    await self.drain()
                 continue
             elif isinstance(event, P.TransmissionStarted):
                 self.export = self.server.exports[event.export.name]
@@ -851,7 +860,9 @@ class _Client:
                 else:
                     self._pending_event = event
                     return False
-        except Exception as exc:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # a cancellation too: run() meets it as it would have
             self._pending_error = exc
         return False
 
