@@ -144,6 +144,9 @@ def main(argv: list[str]) -> int:
                                         f"write -P 0x5a 0 {args.size}", str(image)],
                                        check=True, capture_output=True)
                     sock = workdir / f"{who}.sock"
+                    # Dirty pages left by the last run (or the fill) would be written back
+                    # during this one, whichever daemon it measures.
+                    os.sync()
                     with daemon(program, image, fmt, sock, writethrough) as proc:
                         runs[who].append(fio(f"nbd+unix:///disk?socket={sock}", fio_args,
                                              args.size, args.runtime))
@@ -172,6 +175,7 @@ def main(argv: list[str]) -> int:
                                     str(local)], check=True, capture_output=True)
                 sock = workdir / f"{who}.sock"
                 uri = f"nbd+unix:///disk?socket={sock}"
+                os.sync()  # as above
                 with daemon(program, image, "raw", sock, False) as proc:
                     if direction == "out":
                         times[who].append(nbdcopy(uri, "null:"))
