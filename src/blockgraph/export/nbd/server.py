@@ -521,10 +521,6 @@ class _Stream(asyncio.BufferedProtocol):
         """Whether :meth:`send` takes file ranges (a plain socket, not TLS)."""
         return self._fd >= 0
 
-    def write_buffer_size(self) -> int:
-        """Bytes waiting to be sent (the transport's buffer)."""
-        return self.transport.get_write_buffer_size()
-
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.transport.write(data)
 
@@ -1050,8 +1046,9 @@ class _Client:
         """The read's range in runs of (offset, length, reads as zeroes), in order.
 
         With structured replies (and without DF) runs that read as zeroes become hole chunks,
-        without reading them; otherwise the range is one data run. Neighbouring runs of the
-        same kind are merged. None: finding the holes failed, and the error is answered.
+        without reading them; otherwise the range is one data run. Neighbouring holes are
+        merged; data runs are not: each is read on its own, one read per extent as QEMU counts
+        them. None: finding the holes failed, and the error is answered.
         """
         if not self.conn.structured or request.flags & P.CMD_FLAG_DF:
             return [(request.offset, request.length, False)]
@@ -1066,7 +1063,7 @@ class _Client:
                 return None
             n = min(status.length, end - pos)
             zero = bool(int(status.flags) & _ZERO)  # int: IntFlag's & runs in Python
-            if runs and runs[-1][2] == zero:
+            if zero and runs and runs[-1][2]:
                 runs[-1] = (runs[-1][0], runs[-1][1] + n, zero)
             else:
                 runs.append((pos, n, zero))
@@ -1120,7 +1117,11 @@ class _Client:
                 continue
             pos = offset - request.offset
             await bb.preadv(offset, buf[pos : pos + n])
-            if n:
+            last = pieces[-1] if pieces else None
+            if last is not None and isinstance(last[1], memoryview):
+                # One chunk for neighbouring data runs: they lie side by side in the buffer.
+                pieces[-1] = (last[0], buf[last[0] - request.offset : pos + n])
+            elif n:
                 pieces.append((offset, buf[pos : pos + n]))
         if not big:
             self.conn.reply_read(request.cookie, request.offset, pieces)
