@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from blockgraph.graph.layer import BlockLayer
+
 _LONG = 4096
+
+
+@pytest.fixture
+def layer() -> Iterator[BlockLayer]:
+    """A BlockLayer for the test, closed after it (a test file that needs more, such as the
+    event loop made before fds are counted, defines its own)."""
+    from blockgraph.graph.layer import BlockLayer
+
+    lay = BlockLayer()
+    yield lay
+    lay.close()
 
 
 def _first_difference(left: bytes | bytearray | memoryview,

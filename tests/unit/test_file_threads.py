@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +32,6 @@ from blockgraph.graph.reopen import reopen  # noqa: E402
 
 BIG = max(OFFLOAD_MIN, 256 * 1024)
 TIMEOUT = 30
-
-
-@pytest.fixture
-def layer() -> Iterator[BlockLayer]:
-    lay = BlockLayer()
-    yield lay
-    lay.close()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +26,6 @@ from blockgraph.graph.node import BlockBackend, Node  # noqa: E402
 
 N = 6
 CLUSTER = 65536
-
-
-@pytest.fixture
-def layer() -> Iterator[BlockLayer]:
-    lay = BlockLayer()
-    yield lay
-    lay.close()
 
 
 def _image(tmp_path: Path, fmt: str) -> str:

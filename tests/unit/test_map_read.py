@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,6 @@ from blockgraph.graph.node import BlockBackend, Node  # noqa: E402
 from blockgraph.objects.throttle import ThrottleLimits  # noqa: E402
 
 SIZE = 1 << 20
-
-
-@pytest.fixture
-def layer() -> Iterator[BlockLayer]:
-    lay = BlockLayer()
-    yield lay
-    lay.close()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,13 +28,6 @@ from blockgraph.graph.layer import BlockLayer  # noqa: E402
 from blockgraph.graph.node import BlockBackend, Node  # noqa: E402
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def layer() -> Iterator[BlockLayer]:
-    lay = BlockLayer()
-    yield lay
-    lay.close()
 
 
 def _open(layer: BlockLayer, filename: str, options: dict[str, object]) -> tuple[BlockBackend, Node]:
