@@ -448,7 +448,7 @@ class _SendfileSpy:
         self.partial = 0
         self.fallbacks = 0
         real_sendfile = os.sendfile
-        real_read_range = S._read_range
+        real_read = FileRange.read
 
         def sendfile(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
             try:
@@ -463,10 +463,10 @@ class _SendfileSpy:
 
         def read_range(piece: FileRange) -> bytearray:
             self.fallbacks += 1
-            return real_read_range(piece)
+            return real_read(piece)
 
         monkeypatch.setattr(S.os, "sendfile", sendfile)
-        monkeypatch.setattr(S, "_read_range", read_range)
+        monkeypatch.setattr(FileRange, "read", read_range)
 
 
 def _skip_without_cachestat(tmp_path: Path) -> None:

@@ -137,6 +137,22 @@ class FileRange:
     def __len__(self) -> int:
         return self.length
 
+    def read(self) -> bytearray:
+        """The bytes, read from the file now (zeroes past its end), for a caller that cannot
+        have the kernel copy them.
+
+        :raise OSError: the read failed.
+        """
+        data = bytearray(self.length)
+        view = memoryview(data)
+        done = 0
+        while done < self.length:
+            n = os.preadv(self.fd, [view[done:]], self.offset + done)
+            if not n:
+                break
+            done += n
+        return data
+
     def release(self) -> None:
         """Let the file go (once; later calls do nothing)."""
         release, self._release = self._release, None

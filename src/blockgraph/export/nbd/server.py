@@ -29,7 +29,7 @@ import socket
 import ssl
 import sys
 from asyncio import selector_events
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -320,17 +320,11 @@ class NBDServer:
                 self.on_idle()
 
 
-def _read_range(piece: FileRange) -> bytearray:
-    """The bytes of ``piece``, read from its file (zeroes past its end)."""
-    data = bytearray(piece.length)
-    view = memoryview(data)
-    done = 0
-    while done < piece.length:
-        n = os.preadv(piece.fd, [view[done:]], piece.offset + done)
-        if not n:
-            break
-        done += n
-    return data
+def _release_ranges(items: Iterable[P.Outgoing]) -> None:
+    """Let go the file ranges among ``items`` that will not be sent."""
+    for item in items:
+        if type(item) is FileRange:
+            item.release()
 
 
 class _Stream(asyncio.BufferedProtocol):
@@ -603,32 +597,26 @@ class _Stream(asyncio.BufferedProtocol):
     def _send_failed(self, items: list[P.Outgoing], start: int) -> None:
         # The peer is gone: what is left is neither read nor sent, and the connection ends
         # (as asyncio's transport ends it when its own send() fails).
-        for item in itertools.islice(items, start, None):
-            if type(item) is FileRange:
-                item.release()
+        _release_ranges(itertools.islice(items, start, None))
         self.transport.abort()
 
     def _to_transport(self, items: list[P.Outgoing], start: int) -> None:
         transport = self.transport
         if transport.is_closing():
             # Nothing more goes out (asyncio's transport drops it too): the files go unread.
-            for item in itertools.islice(items, start, None):
-                if type(item) is FileRange:
-                    item.release()
+            _release_ranges(itertools.islice(items, start, None))
             return
         for item in itertools.islice(items, start, None):
             if type(item) is not FileRange:
                 transport.write(item)  # type: ignore[arg-type]
                 continue
             try:
-                data = _read_range(item)
+                data = item.read()
             except OSError as exc:
                 # The reply's header went out already: nothing can be said any more.
                 log.warning("Disconnect client, due to: read failed: %s", os.strerror(exc.errno or 0))
                 transport.abort()
-                for rest in itertools.islice(items, start, None):
-                    if type(rest) is FileRange:
-                        rest.release()
+                _release_ranges(itertools.islice(items, start, None))
                 return
             finally:
                 item.release()
@@ -722,9 +710,7 @@ class _Client:
         self._flush_scheduled = False
         self._eager_replies = 0
         if self.broken or self.writer.is_closing():
-            for item in self.conn.data_to_send():
-                if type(item) is FileRange:
-                    item.release()
+            _release_ranges(self.conn.data_to_send())
             return
         if self.writer.sends_files:
             out = self.conn.data_to_send()
